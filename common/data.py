@@ -1,0 +1,490 @@
+"""Datasets, label mappings, transforms and loaders shared by every script.
+
+A *domain split* is a list of (image, label) files plus the lookup table that maps raw label values to
+train ids. Built-in domains: `gta`, `synthia`, `cityscapes` (layouts in README "Datasets" and
+datasets.md), the procedural toy pair `toy-synth`/`toy-real`, and any folder dataset (interface.md).
+Loaders yield uint8 tensors; scripts normalise on the device (4x less host-to-device traffic).
+Randomness: every training sample gets its own seed from the sampler, so augmentation does not depend
+on worker count, and a resumed run sees exactly the samples an uninterrupted run would.
+"""
+import os
+import sys
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from multiprocessing import Pool
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from common.cli import UserError
+from common.png16 import read_label_channel
+from common.toy import TOY_CLASSES, TOY_DOMAINS, TOY_PALETTE, ToyDomain
+
+README_HINT = "see README.md, section 'Datasets'"
+
+# ----------------------------------------------------------------------------------------------------
+# Classes and label maps (datasets.md sections 3-5)
+CITYSCAPES_CLASSES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+                      "motorcycle", "bicycle"]
+CITYSCAPES_PALETTE = [(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+                      (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+                      (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+                      (0, 80, 100), (0, 0, 230), (119, 11, 32)]
+# Cityscapes labelId (also GTA5's label values) of train ids 0..18
+CITYSCAPES_LABEL_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
+# SYNTHIA-RAND-CITYSCAPES class id of train ids 0..18 (terrain 16, truck 18, train 20 never occur)
+SYNTHIA_LABEL_IDS = [3, 4, 2, 21, 5, 7, 15, 9, 6, 16, 1, 10, 17, 8, 18, 19, 20, 12, 11]
+# the 16- and 13-class protocols as indices into the 19 train ids
+TRAINIDS_16 = [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18]
+TRAINIDS_13 = [0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18]
+
+
+def make_lut(ids_of_train_ids) -> np.ndarray:
+    """A 256-entry uint8 table: raw id -> train id, everything else -> 255 (ignore)."""
+    lut = np.full(256, 255, dtype=np.uint8)
+    for train_id, raw in enumerate(ids_of_train_ids):
+        lut[raw] = train_id
+    return lut
+
+
+CITYSCAPES_LUT = make_lut(CITYSCAPES_LABEL_IDS)
+SYNTHIA_LUT = make_lut(SYNTHIA_LABEL_IDS)
+TRAINID19_TO_16_LUT = make_lut(TRAINIDS_16)  # 19 train ids -> 16-class ids (terrain, truck, train -> 255)
+
+
+def palette_for(classes) -> list:
+    """Cityscapes colours for Cityscapes class names, stable generated colours for any other name."""
+    known = dict(zip(CITYSCAPES_CLASSES, CITYSCAPES_PALETTE)) | dict(zip(TOY_CLASSES, TOY_PALETTE))
+    out = []
+    for name in classes:
+        if name in known:
+            out.append(known[name])
+        else:
+            h = zlib.crc32(name.encode())
+            out.append(((h >> 16) & 255, (h >> 8) & 255, h & 255))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Domain splits
+@dataclass
+class DomainSplit:
+    """One split of one domain: file lists, class names and the raw-label -> train-id table."""
+    name: str
+    split: str
+    classes: list
+    images: list  # file paths (for the toy domains: item names)
+    labels: list  # file paths or None (unlabelled)
+    lut: np.ndarray = None  # raw label value -> train id; None: labels already hold train ids
+    paper_size: tuple = None  # (H, W) the DLv2 papers resize this domain to for training; None: native
+    toy: ToyDomain = None
+    resize_label_to_image: bool = False  # GTA5: a few labels differ in size from their image
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self):
+        return len(self.images)
+
+    @property
+    def labelled(self) -> bool:
+        return len(self.labels) > 0 and all(p is not None for p in self.labels)
+
+    def item_name(self, i) -> str:
+        return os.path.splitext(os.path.basename(self.images[i]))[0]
+
+    def load(self, i, with_label=True):
+        """(uint8 HxWx3 RGB image, uint8 HxW train-id label or None)."""
+        if self.toy is not None:
+            image, label = self.toy[i]
+            return image, (label if with_label else None)
+        image = read_image(self.images[i])
+        if not with_label or self.labels[i] is None:
+            return image, None
+        label = self.load_label(i)
+        if label.shape != image.shape[:2]:
+            if not self.resize_label_to_image:
+                raise UserError(f"label {self.labels[i]} is {label.shape[1]}x{label.shape[0]} but its image is "
+                                f"{image.shape[1]}x{image.shape[0]}")
+            label = np.asarray(Image.fromarray(label).resize(image.shape[1::-1], Image.NEAREST))
+        return image, label
+
+    def load_label(self, i) -> np.ndarray:
+        if self.toy is not None:
+            return self.toy[i][1]
+        raw = read_label(self.labels[i])
+        label = self.lut[raw] if self.lut is not None else raw
+        bad = (label >= len(self.classes)) & (label != 255)
+        if bad.any():
+            value = int(label[bad][0])
+            raise UserError(f"label {self.labels[i]} holds value {value}, which is neither a class "
+                            f"(0-{len(self.classes) - 1}) nor 255")
+        return label
+
+
+def read_image(path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+
+
+def read_label(path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("L", "P"):
+                raise UserError(f"label {path} has mode {img.mode}; expected an 8-bit single-channel PNG")
+            return np.asarray(img)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"cannot read label {path}: {e}") from None
+
+
+def _require_dir(path, what):
+    if not os.path.isdir(path):
+        raise UserError(f"{what} not found: expected the folder {path} ({README_HINT})")
+
+
+def _list(folder, suffixes=(".png", ".jpg", ".jpeg")):
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(suffixes))
+
+
+def _warn_count(name, split, n, expected):
+    if n != expected:
+        warnings.warn(f"{name} {split}: found {n} image/label pairs, the full set has {expected}")
+
+
+def gta_split(root, split) -> DomainSplit:
+    if split != "train":
+        raise UserError("gta has only a train split (all 24,966 frames); evaluate on a target domain instead")
+    img_dir, lab_dir = os.path.join(root, "gta", "images"), os.path.join(root, "gta", "labels")
+    _require_dir(img_dir, "GTA5 images")
+    _require_dir(lab_dir, "GTA5 labels")
+    images, labels = set(_list(img_dir, (".png",))), set(_list(lab_dir, (".png",)))
+    missing = sorted(images - labels)
+    if missing:
+        warnings.warn(f"gta: {len(missing)} images have no label and are skipped, e.g. {missing[0]}")
+    names = sorted(images & labels)
+    if not names:
+        raise UserError(f"no GTA5 image/label pairs in {img_dir} and {lab_dir} ({README_HINT})")
+    _warn_count("gta", split, len(names), 24966)
+    return DomainSplit("gta", split, CITYSCAPES_CLASSES, [os.path.join(img_dir, n) for n in names],
+                       [os.path.join(lab_dir, n) for n in names], CITYSCAPES_LUT, (720, 1280),
+                       resize_label_to_image=True)
+
+
+def cityscapes_split(root, split, labelled=True) -> DomainSplit:
+    img_root = os.path.join(root, "cityscapes", "leftImg8bit", split)
+    lab_root = os.path.join(root, "cityscapes", "gtFine", split)
+    _require_dir(img_root, f"Cityscapes {split} images")
+    if labelled:
+        _require_dir(lab_root, f"Cityscapes {split} labels")
+    images, labels = [], []
+    for city in sorted(os.listdir(img_root)):
+        for f in _list(os.path.join(img_root, city), ("_leftimg8bit.png",)):
+            label = os.path.join(lab_root, city, f.replace("leftImg8bit", "gtFine_labelIds"))
+            if labelled and not os.path.isfile(label):
+                raise UserError(f"image {os.path.join(img_root, city, f)} has no label {label}")
+            images.append(os.path.join(img_root, city, f))
+            labels.append(label if labelled else None)
+    if not images:
+        raise UserError(f"no Cityscapes images in {img_root} ({README_HINT})")
+    _warn_count("cityscapes", split, len(images), {"train": 2975, "val": 500}.get(split, len(images)))
+    return DomainSplit("cityscapes", split, CITYSCAPES_CLASSES, images, labels, CITYSCAPES_LUT, (512, 1024))
+
+
+def _convert_synthia_label(job):
+    src, dst = job
+    try:
+        ids = read_label_channel(src)
+    except ValueError as e:
+        return f"cannot read SYNTHIA label {src}: {e}"
+    if ids.max() > 22:
+        return f"{src}: class id {int(ids.max())} > 22, not a SYNTHIA-RAND-CITYSCAPES label"
+    train_ids = SYNTHIA_LUT[np.minimum(ids, 255)]
+    tmp = dst + ".tmp.png"
+    Image.fromarray(train_ids).save(tmp)
+    os.replace(tmp, dst)
+    return None
+
+
+def prepare_synthia(root, num_workers=None) -> str:
+    """Convert SYNTHIA's 16-bit RGB labels to 8-bit train-id PNGs once; return the folder.
+
+    Pillow keeps only the high byte of 16-bit RGB samples (every id would read 0), so the labels are
+    decoded with common.png16 (numpy + zlib). Slow in Python, hence done once, in parallel, and cached
+    next to the dataset (or under ~/.cache/uda-seg when the dataset folder is read-only).
+    """
+    src_dir = os.path.join(root, "synthia", "GT", "LABELS")
+    dst_dir = os.path.join(root, "synthia", "GT", "LABELS_trainids")
+    try:
+        os.makedirs(dst_dir, exist_ok=True)
+    except OSError:
+        dst_dir = os.path.join(os.path.expanduser("~/.cache/uda-seg"), "synthia_LABELS_trainids")
+        os.makedirs(dst_dir, exist_ok=True)
+    names = _list(src_dir, (".png",))
+    todo = [(os.path.join(src_dir, n), os.path.join(dst_dir, n)) for n in names
+            if not os.path.isfile(os.path.join(dst_dir, n))]
+    if todo:
+        workers = num_workers or max(1, min(8, os.cpu_count() or 1))
+        print(f"converting {len(todo)} SYNTHIA labels to train ids in {dst_dir} (once)", file=sys.stderr)
+        with Pool(workers) as pool:
+            for problem in tqdm(pool.imap_unordered(_convert_synthia_label, todo, chunksize=8),
+                                total=len(todo), desc="synthia labels", file=sys.stderr):
+                if problem:
+                    raise UserError(problem)
+    return dst_dir
+
+
+def synthia_split(root, split, classes=19) -> DomainSplit:
+    if split != "train":
+        raise UserError("synthia has only a train split (all 9,400 frames); evaluate on a target domain instead")
+    img_dir, lab_dir = os.path.join(root, "synthia", "RGB"), os.path.join(root, "synthia", "GT", "LABELS")
+    _require_dir(img_dir, "SYNTHIA images")
+    _require_dir(lab_dir, "SYNTHIA labels")
+    names = sorted(set(_list(img_dir, (".png",))) & set(_list(lab_dir, (".png",))))
+    if not names:
+        raise UserError(f"no SYNTHIA image/label pairs in {img_dir} and {lab_dir} ({README_HINT})")
+    _warn_count("synthia", split, len(names), 9400)
+    label_dir = prepare_synthia(root)
+    lut = TRAINID19_TO_16_LUT if classes == 16 else None
+    class_names = [CITYSCAPES_CLASSES[i] for i in TRAINIDS_16] if classes == 16 else CITYSCAPES_CLASSES
+    return DomainSplit("synthia", split, class_names, [os.path.join(img_dir, n) for n in names],
+                       [os.path.join(label_dir, n) for n in names], lut, (760, 1280))
+
+
+def folder_split(root, split, labelled=True) -> DomainSplit:
+    classes_file = os.path.join(root, "classes.txt")
+    if not os.path.isfile(classes_file):
+        raise UserError(f"folder dataset {root} has no classes.txt (one class name per line; {README_HINT})")
+    with open(classes_file) as f:
+        classes = [line.strip() for line in f if line.strip()]
+    img_dir, lab_dir = os.path.join(root, "images", split), os.path.join(root, "labels", split)
+    _require_dir(img_dir, f"folder dataset {split} images")
+    files = _list(img_dir)
+    if not files:
+        raise UserError(f"no .png/.jpg images in {img_dir}")
+    labels = []
+    if labelled:
+        _require_dir(lab_dir, f"folder dataset {split} labels")
+        for f in files:
+            label = os.path.join(lab_dir, os.path.splitext(f)[0] + ".png")
+            if not os.path.isfile(label):
+                raise UserError(f"image {os.path.join(img_dir, f)} has no label {label}")
+            labels.append(label)
+    else:
+        labels = [None] * len(files)
+    return DomainSplit(os.path.basename(os.path.normpath(root)), split, classes,
+                       [os.path.join(img_dir, f) for f in files], labels)
+
+
+BUILTIN = ("gta", "synthia", "cityscapes", *TOY_DOMAINS)
+
+
+def domain_split(name, split, data_root="data", labelled=True, synthia_classes=19, toy_size=None) -> DomainSplit:
+    """Resolve `--source/--target` (a built-in name or a folder) to a DomainSplit.
+
+    `labelled=False` (an adaptation target's train split) does not require labels.
+    `synthia_classes=16` gives the 16-way SYNTHIA head of ADVENT/ProDA.
+    """
+    if name == "gta":
+        return gta_split(data_root, split)
+    if name == "synthia":
+        return synthia_split(data_root, split, synthia_classes)
+    if name == "cityscapes":
+        return cityscapes_split(data_root, split, labelled)
+    if name in TOY_DOMAINS:
+        toy = ToyDomain(name, split, **({"height": toy_size[0], "width": toy_size[1]} if toy_size else {}))
+        return DomainSplit(name, split, list(TOY_CLASSES), list(toy.names), [None] * len(toy) if not labelled
+                           else list(toy.names), toy=toy)
+    if os.path.isdir(name):
+        return folder_split(name, split, labelled)
+    raise UserError(f"unknown dataset '{name}': use one of {', '.join(BUILTIN)} or a folder dataset path "
+                    f"({README_HINT})")
+
+
+def class_setup(source, target, synthia_classes=19):
+    """(head classes, evaluated classes, pred_map): the head's classes must be the target's, except a
+    16-way SYNTHIA head evaluated on Cityscapes, whose predictions pred_map sends into the 19 train ids."""
+    if synthia_classes not in (16, 19):
+        raise UserError("--synthia-classes must be 19 or 16")
+    classes, eval_classes = classes_of(source, synthia_classes), classes_of(target)
+    if classes == eval_classes:
+        return classes, eval_classes, None
+    if source == "synthia" and synthia_classes == 16 and eval_classes == CITYSCAPES_CLASSES:
+        return classes, eval_classes, torch.tensor(TRAINIDS_16)
+    raise UserError(f"class lists differ between source '{source}' ({len(classes)} classes: "
+                    f"{', '.join(classes[:3])}, ...) and target '{target}' ({len(eval_classes)} classes: "
+                    f"{', '.join(eval_classes[:3])}, ...)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Transforms (numpy/PIL on the host; all randomness from a per-sample generator)
+def resize_pair(image, label, size, keep_ratio=False):
+    """Resize to size=(H, W) (bicubic image, nearest label); keep_ratio: largest size fitting in the box."""
+    h, w = image.shape[:2]
+    if keep_ratio:  # mmseg-style: scale so the image fits into the (H, W) box
+        scale = min(size[0] / h, size[1] / w, max(size) / max(h, w))
+        size = (int(h * scale + 0.5), int(w * scale + 0.5))
+    if (h, w) == tuple(size):
+        return image, label
+    image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BICUBIC))
+    if label is not None:
+        label = np.asarray(Image.fromarray(label).resize((size[1], size[0]), Image.NEAREST))
+    return image, label
+
+
+def random_crop(image, label, crop, rng, cat_max_ratio=1.0, ignore=255):
+    """Random crop (pads with 0 / ignore when smaller). cat_max_ratio < 1: re-draw up to 10 times until no
+    class covers more than that share of the crop (mmseg's RandomCrop, used by DAFormer's source crops)."""
+    ch, cw = crop
+    h, w = image.shape[:2]
+    if h < ch or w < cw:
+        ph, pw = max(ch - h, 0), max(cw - w, 0)
+        image = np.pad(image, ((0, ph), (0, pw), (0, 0)))
+        if label is not None:
+            label = np.pad(label, ((0, ph), (0, pw)), constant_values=ignore)
+        h, w = image.shape[:2]
+    for _ in range(10 if cat_max_ratio < 1.0 and label is not None else 1):
+        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        if cat_max_ratio >= 1.0 or label is None:
+            break
+        counts = np.bincount(label[y:y + ch, x:x + cw].ravel(), minlength=256)[:255]
+        counts = counts[counts > 0]
+        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+            break
+    image = image[y:y + ch, x:x + cw]
+    label = label[y:y + ch, x:x + cw] if label is not None else None
+    return image, label
+
+
+@dataclass
+class TrainTransform:
+    size: tuple = None  # (H, W) resize; None keeps the native size
+    keep_ratio: bool = False
+    scale: tuple = None  # (lo, hi) random rescale factor after `size`
+    crop: tuple = None  # (H, W) random crop
+    cat_max_ratio: float = 1.0
+    flip: bool = False
+
+    def __call__(self, image, label, rng):
+        if self.size is not None:
+            image, label = resize_pair(image, label, self.size, self.keep_ratio)
+        if self.scale is not None:
+            s = rng.uniform(*self.scale)
+            image, label = resize_pair(image, label, (int(image.shape[0] * s + 0.5), int(image.shape[1] * s + 0.5)))
+        if self.crop is not None:
+            image, label = random_crop(image, label, self.crop, rng, self.cat_max_ratio)
+        if self.flip and rng.random() < 0.5:
+            image = image[:, ::-1]
+            label = label[:, ::-1] if label is not None else None
+        return image, label
+
+
+class SegDataset(torch.utils.data.Dataset):
+    """Items: (image uint8 3xHxW, label uint8 HxW (empty when unlabelled), index).
+
+    Training: indexed by (index, sample_seed) from InfiniteSampler; the transform draws from that seed.
+    Evaluation (`eval_size` set): the image is resized to eval_size, the label stays at full resolution.
+    """
+
+    def __init__(self, split: DomainSplit, transform=None, eval_size=None, with_label=True):
+        self.split, self.transform, self.eval_size = split, transform, eval_size
+        self.with_label = with_label and split.labelled
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, 0)
+        image, label = self.split.load(index, self.with_label)
+        if self.eval_size is not None:
+            image, _ = resize_pair(image, None, self.eval_size)
+        elif self.transform is not None:
+            image, label = self.transform(image, label, np.random.default_rng(seed))
+        image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        label = torch.from_numpy(np.ascontiguousarray(label)) if label is not None else torch.empty(0, dtype=torch.uint8)
+        return image, label, index
+
+
+class InfiniteSampler(torch.utils.data.Sampler):
+    """Endless shuffled stream of (index, sample_seed), a pure function of (seed, position).
+
+    Rank r of `world` takes positions r, r+world, ...; `start` skips the positions already consumed, so
+    a resumed run continues the exact stream. Each epoch is a fresh permutation.
+    """
+
+    def __init__(self, n, seed, start=0, rank=0, world=1, shuffle=True):
+        self.n, self.seed, self.start, self.rank, self.world, self.shuffle = n, seed, start, rank, world, shuffle
+
+    def __iter__(self):
+        pos = self.start * self.world + self.rank
+        epoch, perm = -1, None
+        while True:
+            e, k = divmod(pos, self.n)
+            if e != epoch:
+                epoch = e
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
+                perm = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
+            yield perm[k], (self.seed * 1_000_003 + pos) % 2**63
+            pos += self.world
+
+
+def _worker_init(worker_id):
+    torch.set_num_threads(1)  # decoding is the workers' job; do not oversubscribe the cores
+
+
+def train_loader(dataset, batch_size, seed, start_iter=0, rank=0, world=1, num_workers=4, pin_memory=False):
+    """An endless iterator of batches, starting at iteration `start_iter` of the sampler's stream."""
+    sampler = InfiniteSampler(len(dataset), seed, start_iter * batch_size, rank, world)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                         pin_memory=pin_memory, drop_last=True, worker_init_fn=_worker_init,
+                                         persistent_workers=num_workers > 0,
+                                         prefetch_factor=4 if num_workers > 0 else None)
+    return iter(loader)
+
+
+def eval_loader(dataset, rank=0, world=1, num_workers=2, limit=None):
+    """Batch 1 (images may differ in size); rank r scores images r, r+world, ... (no padding, no duplicates)."""
+    indices = list(range(len(dataset) if limit is None else min(limit, len(dataset))))[rank::world]
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1,
+                                       num_workers=num_workers, worker_init_fn=_worker_init)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Normalisation (on the device, after the uint8 batch arrives)
+NORMALIZATION = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), False),  # torchvision/timm weights: RGB/255
+    "caffe": ((104.00698793 / 255, 116.66876762 / 255, 122.67891434 / 255), (1 / 255,) * 3, True),  # BGR 0-255
+    "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), False),  # ProDA: RGB/255
+    "gan": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), False),  # CycleGAN: [-1, 1]
+}
+
+
+def normalize(images_uint8: torch.Tensor, mode: str = "imagenet") -> torch.Tensor:
+    """uint8 Bx3xHxW (RGB) on any device -> float32 normalised as the init expects."""
+    mean, std, bgr = NORMALIZATION[mode]
+    x = images_uint8.float().div_(255)
+    if bgr:  # Caffe weights: BGR channel order; the means above are already listed B, G, R
+        x = x.flip(1)
+    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+
+def classes_of(name, synthia_classes=19) -> list:
+    """The class list of a domain without listing or reading its files (for --dry-run)."""
+    if name in ("gta", "cityscapes") or (name == "synthia" and synthia_classes == 19):
+        return list(CITYSCAPES_CLASSES)
+    if name == "synthia":
+        return [CITYSCAPES_CLASSES[i] for i in TRAINIDS_16]
+    if name in TOY_DOMAINS:
+        return list(TOY_CLASSES)
+    path = os.path.join(name, "classes.txt")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return [line.strip() for line in f if line.strip()]
+    return domain_split(name, "val").classes  # raises the right error for a bad name

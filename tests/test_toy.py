@@ -1,0 +1,124 @@
+import time
+
+import numpy as np
+import pytest
+
+from common.toy import (TOY_CLASSES, TOY_DOMAINS, TOY_PALETTE, TOY_SPLIT_SIZES, ToyDomain,
+                        render_scene, scene_seed)
+
+ROAD, SIDEWALK, BUILDING, VEGETATION, SKY, POLE, PERSON, CAR = range(8)
+STYLES = ["synthetic", "real"]
+N = 50  # images per domain for the statistical checks
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return {d: [ToyDomain(d, "train")[i] for i in range(N)] for d in TOY_DOMAINS}
+
+
+def test_constants():
+    assert TOY_CLASSES == ["road", "sidewalk", "building", "vegetation", "sky", "pole", "person", "car"]
+    assert TOY_PALETTE[0] == (128, 64, 128) and TOY_PALETTE[7] == (0, 0, 142)
+    assert len(TOY_PALETTE) == 8
+    assert TOY_DOMAINS == {"toy-synth": "synthetic", "toy-real": "real"}
+    assert set(TOY_SPLIT_SIZES) == {"train", "val"}
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_deterministic(style):
+    a_img, a_lab = render_scene(123, style)
+    b_img, b_lab = render_scene(123, style)
+    assert np.array_equal(a_img, b_img) and np.array_equal(a_lab, b_lab)
+    c_img, c_lab = render_scene(124, style)
+    assert not np.array_equal(a_img, c_img) and not np.array_equal(a_lab, c_lab)
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("size", [(128, 256), (64, 96), (200, 300)])
+def test_shapes_and_values(style, size):
+    img, lab = render_scene(7, style, *size)
+    assert img.shape == (*size, 3) and img.dtype == np.uint8
+    assert lab.shape == size and lab.dtype == np.uint8
+    assert set(np.unique(lab)) <= set(range(8)) | {255}
+
+
+def test_bad_style():
+    with pytest.raises(ValueError):
+        render_scene(0, "cartoon")
+
+
+def test_scene_seeds_unique():
+    seeds = {scene_seed(d, s, i) for d in TOY_DOMAINS for s in TOY_SPLIT_SIZES for i in range(2000)}
+    assert len(seeds) == 2 * 2 * 2000  # no overlap between domains or splits
+    assert scene_seed("toy-real", "val", 3) == scene_seed("toy-real", "val", 3)
+    assert scene_seed("toy-real", "val", 3, base_seed=1) != scene_seed("toy-real", "val", 3)
+
+
+def test_dataset_api():
+    ds = ToyDomain("toy-real", "val", num_images=5, height=64, width=128)
+    assert len(ds) == 5 and ds.classes == TOY_CLASSES
+    assert ds.names[2] == "toy-real/val/00002"
+    img, lab = ds[2]
+    ref = render_scene(scene_seed("toy-real", "val", 2), "real", 64, 128)
+    assert np.array_equal(img, ref[0]) and np.array_equal(lab, ref[1])
+    assert np.array_equal(ds[-1][1], ds[4][1])
+    with pytest.raises(IndexError):
+        ds[5]
+    assert len(ToyDomain("toy-synth", "train")) == TOY_SPLIT_SIZES["train"]
+    with pytest.raises(ValueError):
+        ToyDomain("gta5", "train")
+
+
+@pytest.mark.parametrize("domain", list(TOY_DOMAINS))
+def test_all_classes_appear(samples, domain):
+    present = set()
+    for _, lab in samples[domain]:
+        present |= set(np.unique(lab).tolist())
+    assert set(range(8)) <= present
+
+
+@pytest.mark.parametrize("domain", list(TOY_DOMAINS))
+def test_scene_layout(samples, domain):
+    for _, lab in samples[domain]:
+        top = np.bincount(lab[0], minlength=256)
+        bottom = np.bincount(lab[-1], minlength=256)
+        assert top[[SKY, BUILDING, VEGETATION]].sum() > lab.shape[1] / 2
+        assert bottom[[ROAD, SIDEWALK]].sum() > lab.shape[1] / 2
+        assert (lab[: lab.shape[0] // 4] == SKY).any() or (lab[0] == BUILDING).any()
+
+
+def _road_mean(pairs):
+    return np.mean([img[lab == ROAD].mean(0) for img, lab in pairs if (lab == ROAD).any()], 0)
+
+
+def _hf_energy(img):
+    x = img.astype(np.float32)
+    return np.abs(np.diff(x, axis=0)).mean() + np.abs(np.diff(x, axis=1)).mean()
+
+
+def test_appearance_differs(samples):
+    synth, real = samples["toy-synth"], samples["toy-real"]
+    assert np.linalg.norm(_road_mean(synth) - _road_mean(real)) > 25
+    hf_synth = np.array([_hf_energy(img) for img, _ in synth])
+    hf_real = np.array([_hf_energy(img) for img, _ in real])
+    assert hf_real.mean() > 2 * hf_synth.mean()
+    assert np.median(hf_real) > np.percentile(hf_synth, 90)
+
+
+def test_class_frequencies_differ(samples):
+    def freq(pairs):
+        counts = sum(np.bincount(lab.ravel(), minlength=256)[:8] for _, lab in pairs)
+        return counts / counts.sum()
+    fs, fr = freq(samples["toy-synth"]), freq(samples["toy-real"])
+    assert fr[PERSON] > 1.5 * fs[PERSON]
+    assert fs[VEGETATION] > 1.5 * fr[VEGETATION]
+    assert np.abs(fs - fr).sum() > 0.1
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_render_speed(style):
+    render_scene(0, style)  # warm-up
+    t = time.perf_counter()
+    for i in range(20):
+        render_scene(i, style)
+    assert (time.perf_counter() - t) / 20 < 0.030
