@@ -35,8 +35,22 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _all_finite(obj) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
+    if isinstance(obj, dict):
+        return all(_all_finite(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return all(_all_finite(v) for v in obj)
+    return True
+
+
 def save_checkpoint(path, state: dict):
-    """Write to a temporary file in the same folder, fsync, then rename: a crash never leaves half a file."""
+    """Write to a temporary file in the same folder, fsync, then rename: a crash never leaves half a file.
+    Weights that went non-finite are never written: the previous checkpoint stays the last good one."""
+    if not _all_finite({k: v for k, v in state.items() if k != "rng"}):
+        raise UserError(f"non-finite weights at iteration {state.get('iter')}; stopped, the last good checkpoint "
+                        f"{path} is left intact")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:

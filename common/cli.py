@@ -56,6 +56,7 @@ def build_parser(cls, presets: dict, description: str = "") -> argparse.Argument
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.append_fields = set()  # repeatable flags start at None instead of the unset marker
     for f in dataclasses.fields(cls):
         if not f.init or f.name.startswith("_") or f.metadata.get("runtime"):
             continue
@@ -71,7 +72,8 @@ def build_parser(cls, presets: dict, description: str = "") -> argparse.Argument
         elif origin is typing.Literal:
             parser.add_argument(flag, choices=list(typing.get_args(tp)), **kw)
         elif origin is list and typing.get_args(tp)[0] is str:
-            parser.add_argument(flag, action="append", metavar="VALUE", **kw)
+            parser.add_argument(flag, action="append", metavar="VALUE", **{**kw, "default": None})
+            parser.append_fields.add(f.name)
         elif origin is list:
             parser.add_argument(flag, nargs="+", type=_converter(typing.get_args(tp)[0], optional), **kw)
         else:
@@ -89,13 +91,13 @@ def parse_args(cls, presets: dict, argv=None, description: str = ""):
     chosen = presets.get(preset_name, {})
     values = {}
     for f in dataclasses.fields(cls):
-        if f.name in ns and ns[f.name] is not _UNSET:
-            values[f.name] = ns[f.name]
+        given = ns.get(f.name, _UNSET)
+        if given is not _UNSET and not (given is None and f.name in parser.append_fields):
+            values[f.name] = None if given == [None] else given  # `--crop-size none`
         elif f.name in chosen:
             values[f.name] = chosen[f.name]
     values["preset"] = preset_name
     args = cls(**values)
-    args._explicit = sorted(k for k, v in ns.items() if v is not _UNSET)
     return args
 
 

@@ -405,7 +405,7 @@ class SegDataset(torch.utils.data.Dataset):
         elif self.transform is not None:
             image, label = self.transform(image, label, np.random.default_rng(seed))
         image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        label = torch.from_numpy(np.ascontiguousarray(label)) if label is not None else torch.empty(0, dtype=torch.uint8)
+        label = torch.from_numpy(np.array(label)) if label is not None else torch.empty(0, dtype=torch.uint8)
         return image, label, index
 
 

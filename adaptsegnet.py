@@ -1,0 +1,556 @@
+"""AdaptSegNet: multi-level adversarial learning in the output space (source_only.py + two discriminators).
+
+Tsai et al., "Learning to Adapt Structured Output Space for Semantic Segmentation", CVPR 2018,
+https://arxiv.org/abs/1802.10349, official code https://github.com/wasidennis/AdaptSegNet
+(`train_gta2cityscapes_multi.py`, `model/discriminator.py`).
+Recipe: DeepLab-v2 ResNet-101 with an auxiliary ASPP head on layer3 (multi-level, lambda_seg aux 0.1), two
+fully convolutional output-space discriminators (five 4x4 stride-2 convs, LeakyReLU 0.2, logits at 1/32),
+D_aux on softmax(upsampled aux logits), D_main on softmax(upsampled main logits). Domain labels: source 0,
+target 1, BCE with logits. One iteration (1 source + 1 target frame, official order):
+  1. source CE(main) + 0.1 CE(aux) at the source input size, backward;
+  2. target forward (train-mode BN, as in the official code), generator term
+     0.0002 BCE(D_aux(t), 0) + 0.001 BCE(D_main(t), 0), backward; D receives no gradient from it;
+  3. per D: 1/2 BCE(D(s.detach()), 0) + 1/2 BCE(D(t.detach()), 1), backward;
+  4. step SGD (segmenter, source_only.py's recipe) and Adam 1e-4, betas (0.9, 0.99) (discriminators,
+     same poly decay, horizon 250k); stop at 150k. Target frames are resized to 1024x512 (Cityscapes).
+`--single-level`: no aux head, lambda_adv 0.001 on the main output only. `--gan ls`: least squares (MSE)
+instead of BCE, as the official `--gan LS`.
+Reported (paper): GTA5->Cityscapes 42.4 mIoU (R101 multi-level), 41.4 single-level; SYNTHIA->Cityscapes
+46.7 mIoU13 (multi-level), 45.9 single-level.
+
+Deviations from the official code:
+- ASPP sums 4 branches and init is torchvision ImageNet (project defaults of source_only.py; the released
+  code sums 2, `--aspp-branches 2`, and starts from an ImageNet+COCO Caffe file, `--init PATH`).
+- `--single-level` drops the aux head; the official README gets single-level by zeroing lambda_seg and
+  lambda_adv_target1 while keeping the head in the network (same gradients, fewer parameters here).
+- The discriminator loss sums the source and target halves before one backward (the official code calls
+  backward after each half: same gradients). The generator term goes through the unwrapped
+  discriminators with requires_grad off, so DDP hooks never see it (style.md section 8).
+- Data loaders are seeded (the official one is not, maintainer #19); `--crop-size` crops source and target.
+- `--preset quick` (toy domains, CPU): see PRESETS for its method-specific values and
+  benchmarks/adaptsegnet.md for why.
+Docs: README.md, section "Methods"; benchmarks/adaptsegnet.md.
+"""
+import contextlib
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from tqdm import tqdm
+
+from common.checkpoint import load_checkpoint, resume_path, rng_state, save_checkpoint, set_rng_state
+from common.cli import UserError, guard, parse_args
+from common.data import SegDataset, TrainTransform, class_setup, domain_split, normalize, train_loader
+from common.metrics import evaluate_target
+from common.runlog import RunLog, param_counts
+from common.runtime import Runtime, resolve_out_dir, seed_everything, share_run_dir, unwrap
+
+SCRIPT = "adaptsegnet"
+
+
+@dataclass
+class Args:
+    source: str = "gta"
+    """source domain: gta, synthia, cityscapes (the oracle), toy-synth, toy-real or a folder dataset path"""
+    target: str = "cityscapes"
+    """target domain, evaluated on its val split (built-in name or folder dataset path)"""
+    data_root: str = "data"
+    """folder holding gta/, synthia/, cityscapes/"""
+    preset: Literal["paper", "quick"] = "paper"
+    """paper: the published recipe; quick: CPU-sized run on the toy domains (explicit flags override it)"""
+    backbone: str = "resnet101"
+    """DeepLab-v2 backbone: resnet18, resnet34, resnet50 or resnet101 (paper: resnet101)"""
+    init: str = "imagenet"
+    """imagenet (torchvision weights), none (random) or a local file (DeepLab init .pth or our checkpoint)"""
+    iters: int = 150000
+    """training iterations (paper: 150k)"""
+    batch_size: int = 1
+    """global source batch, split over torchrun processes (paper: 1)"""
+    crop_size: Optional[list[int]] = None
+    """random crop H [W] after resizing; none trains on whole resized frames (paper: none)"""
+    lr: float = 2.5e-4
+    """backbone learning rate; the heads use head_lr_mult times it (paper: 2.5e-4)"""
+    seed: int = 1234
+    """seed of every random choice (AdaptSegNet: 1234)"""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """auto: cuda if available"""
+    amp: bool = True
+    """mixed precision on CUDA (bf16 where supported, else fp16 with a GradScaler)"""
+    num_workers: int = 4
+    """data-loading processes per training process"""
+    eval_every: int = 5000
+    """evaluate on the target val split every N iterations (0: only at the end)"""
+    checkpoint_every: int = 5000
+    """write checkpoints/last.pt every N iterations (AdaptSegNet snapshots every 5k)"""
+    out: Optional[str] = None
+    """run folder (default runs/<script>-<source>2<target>-s<seed>-<timestamp>)"""
+    resume: Optional[str] = None
+    """auto (the newest matching run folder's last.pt) or a checkpoint path"""
+    eval_only: bool = False
+    """evaluate --weights on the target val split, write results.json, exit"""
+    weights: list[str] = field(default_factory=list)
+    """checkpoint(s) to evaluate with --eval-only"""
+    dry_run: bool = False
+    """build networks and optimisers, write config.json with parameter counts, exit without reading data"""
+    log_every: int = 50
+    """write metrics.jsonl every N iterations (the only host syncs of the loop)"""
+    torch_deterministic: bool = False
+    """force deterministic cuDNN/cuBLAS kernels (slower)"""
+    source_size: Optional[list[int]] = None
+    """resize source frames to H W (default: GTA5 720 1280, SYNTHIA 760 1280, Cityscapes 512 1024, else native)"""
+    target_size: Optional[list[int]] = None
+    """resize target frames to H W for training (default: Cityscapes 512 1024, else native)"""
+    eval_size: Optional[list[int]] = None
+    """evaluation input H W; logits are upsampled to the full label size (default: as target_size)"""
+    eval_limit: Optional[int] = None
+    """score only the first N target val images (default: all)"""
+    num_predictions: int = 4
+    """colour-coded target-val predictions saved to predictions/ at the end"""
+    synthia_classes: int = 19
+    """classes of the head when the source is SYNTHIA: 19 (evaluated on 16/13) or 16"""
+    normalization: Literal["auto", "imagenet", "caffe"] = "auto"
+    """input normalisation; auto: caffe (BGR, mean only) for Caffe DeepLab init files, else imagenet"""
+    multi_level: bool = True
+    """add the auxiliary classifier on layer3 (weight lambda_seg_aux), as the multi-level methods do"""
+    lambda_seg_aux: float = 0.1
+    """weight of the auxiliary segmentation loss (AdaptSegNet: 0.1)"""
+    aspp_branches: int = 4
+    """ASPP branches summed: 4 (ADVENT, BDL) or 2 (AdaptSegNet's released code)"""
+    bn_mode: Literal["train", "eval"] = "train"
+    """frozen-affine BN with batch statistics (train, official) or running statistics (eval)"""
+    momentum: float = 0.9
+    """SGD momentum (paper: 0.9)"""
+    weight_decay: float = 5e-4
+    """SGD weight decay (paper: 5e-4)"""
+    head_lr_mult: float = 10.0
+    """learning-rate multiplier of the classifiers (paper: 10)"""
+    poly_horizon: int = 250000
+    """poly schedule horizon T in lr*(1-t/T)^power; longer than iters in the paper (250k)"""
+    poly_power: float = 0.9
+    """poly schedule power (paper: 0.9)"""
+
+    # Algorithm specific arguments
+    single_level: bool = False
+    """the paper's single-level variant: no aux head, adversarial loss on the main output only (paper: off)"""
+    lambda_adv_main: float = 0.001
+    """weight of the adversarial loss on the main output (paper: 0.001, single- and multi-level)"""
+    lambda_adv_aux: float = 0.0002
+    """weight of the adversarial loss on the aux output (paper: 0.0002)"""
+    lr_d: float = 1e-4
+    """Adam learning rate of the discriminators, same poly decay as the segmenter (paper: 1e-4)"""
+    gan: Literal["vanilla", "ls"] = "vanilla"
+    """adversarial objective: vanilla (BCE with logits) or ls (least squares, MSE) (paper: vanilla)"""
+
+    # to be filled in runtime
+    world_size: int = field(default=0, metadata={"runtime": True})
+    rank: int = field(default=0, metadata={"runtime": True})
+
+
+PRESETS = {
+    "paper": {},
+    "quick": dict(source="toy-synth", target="toy-real", backbone="resnet18", init="none", iters=300, batch_size=4,
+                  lr=0.01, eval_every=0, checkpoint_every=100, num_workers=1, log_every=10, poly_horizon=300,
+                  seed=0),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# DeepLab-v2 (AdaptSegNet model/deeplab_multi.py topology; torchvision parameter names)
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        # Caffe-style: the stride sits on the first 1x1 conv (torchvision: on the 3x3; same shapes)
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+RESNETS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
+           "resnet50": (Bottleneck, [3, 4, 6, 3]), "resnet101": (Bottleneck, [3, 4, 23, 3])}
+
+
+class ASPP(nn.Module):
+    """DeepLab-v2 classifier: parallel 3x3 convs with dilation 6/12/18/24 to C channels, summed."""
+
+    def __init__(self, in_channels, num_classes, branches=4):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d)
+                                   for d in (6, 12, 18, 24)[:branches])
+        for conv in self.convs:
+            nn.init.normal_(conv.weight, 0, 0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x):
+        return sum(conv(x) for conv in self.convs)
+
+
+class DeepLabV2(nn.Module):
+    """ResNet with output stride 8; returns (aux logits on layer3 or None, main logits on layer4)."""
+
+    def __init__(self, backbone="resnet101", num_classes=19, multi_level=False, aspp_branches=4, bn_mode="train"):
+        super().__init__()
+        if backbone not in RESNETS:
+            raise UserError(f"unknown backbone '{backbone}': use one of {', '.join(RESNETS)}")
+        block, layers = RESNETS[backbone]
+        self.bn_mode, self.inplanes = bn_mode, 64
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, 2, 1, ceil_mode=True)
+        self.layer1 = self._layer(block, 64, layers[0])
+        self.layer2 = self._layer(block, 128, layers[1], stride=2)
+        self.layer3 = self._layer(block, 256, layers[2], dilation=2)
+        self.layer4 = self._layer(block, 512, layers[3], dilation=4)
+        self.aux_head = ASPP(256 * block.expansion, num_classes, aspp_branches) if multi_level else None
+        self.head = ASPP(512 * block.expansion, num_classes, aspp_branches)
+        for m in self.modules():  # frozen BN affine (official code); statistics still update in train mode
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.requires_grad_(False)
+                m.bias.requires_grad_(False)
+
+    def _layer(self, block, planes, blocks, stride=1, dilation=1):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion or dilation > 1:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                                       nn.BatchNorm2d(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, dilation, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes, 1, dilation) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.bn_mode == "eval":
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
+
+    def forward(self, x):
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x3 = self.layer3(self.layer2(self.layer1(x)))
+        aux = self.aux_head(x3) if self.aux_head is not None else None
+        return aux, self.head(self.layer4(x3))
+
+    def param_groups(self, lr, head_lr_mult):
+        heads = [p for n, p in self.named_parameters() if "head" in n and p.requires_grad]
+        backbone = [p for n, p in self.named_parameters() if "head" not in n and p.requires_grad]
+        return [{"params": backbone, "lr": lr, "lr_mult": 1.0},
+                {"params": heads, "lr": lr * head_lr_mult, "lr_mult": head_lr_mult}]
+
+
+def load_init(model, init, backbone) -> str:
+    """Load --init into the model; return the input normalisation the weights expect."""
+    if init == "none":
+        return "imagenet"
+    if init == "imagenet":
+        state = torchvision.models.get_model(backbone, weights="IMAGENET1K_V1").state_dict()
+        caffe = False
+    else:
+        if not os.path.isfile(init):
+            raise UserError(f"--init {init}: no such file (use imagenet, none or a path)")
+        try:
+            state = torch.load(init, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"cannot load --init {init}: {str(e).splitlines()[0][:200]}") from None
+        state = state.get("model", state.get("state_dict", state))
+        caffe = any(k.startswith("Scale.") for k in state)  # the DeepLab-v2 Caffe init files
+        state = {k.removeprefix("Scale.").removeprefix("module."): v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if not k.startswith(("layer5.", "layer6.", "fc."))}
+    own = model.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    backbone_keys = [k for k in own if "head" not in k]
+    missing = [k for k in backbone_keys if k not in matched]
+    if missing:
+        raise UserError(f"--init {init} does not fit a {backbone} DeepLab-v2: {len(missing)} of "
+                        f"{len(backbone_keys)} backbone tensors missing or misshapen (e.g. {missing[0]})")
+    model.load_state_dict(matched, strict=False)
+    return "caffe" if caffe else "imagenet"
+
+
+def seg_loss(logits, labels, align_corners=True):
+    """Cross-entropy at label resolution, mean over valid pixels (255 ignored; 0 if none are valid)."""
+    logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=align_corners)
+    total = F.cross_entropy(logits, labels, ignore_index=255, reduction="sum")
+    return total / (labels != 255).sum().clamp(min=1)
+
+
+def poly_lr(base_lr, it, horizon, power):
+    return base_lr * (1 - min(it, horizon - 1) / horizon) ** power
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_mult"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: output-space discriminator and adversarial losses
+class FCDiscriminator(nn.Module):
+    """Fully convolutional discriminator on a C-channel map (AdaptSegNet model/discriminator.py).
+
+    Five 4x4 convs with stride 2 and padding 1, channels num_classes -> ndf -> 2ndf -> 4ndf -> 8ndf -> 1,
+    LeakyReLU(0.2) after the first four, no normalisation and no sigmoid: domain logits at 1/32 of the input
+    size. Parameter names follow the official file, so its snapshots load.
+    """
+
+    def __init__(self, num_classes, ndf=64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(num_classes, ndf, 4, 2, 1)
+        self.conv2 = nn.Conv2d(ndf, ndf * 2, 4, 2, 1)
+        self.conv3 = nn.Conv2d(ndf * 2, ndf * 4, 4, 2, 1)
+        self.conv4 = nn.Conv2d(ndf * 4, ndf * 8, 4, 2, 1)
+        self.classifier = nn.Conv2d(ndf * 8, 1, 4, 2, 1)
+
+    def forward(self, x):
+        for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
+            x = F.leaky_relu(conv(x), 0.2)
+        return self.classifier(x)
+
+
+SOURCE_LABEL, TARGET_LABEL = 0.0, 1.0  # domain labels of every discriminator in this repository
+
+
+def gan_loss(d_logits, domain_label, gan="vanilla"):
+    """Discriminator logits against a constant domain label, in fp32: BCE with logits (vanilla) or MSE on the
+    raw logits (least squares, the official --gan LS)."""
+    d_logits = d_logits.float()
+    target = torch.full_like(d_logits, domain_label)
+    if gan == "ls":
+        return F.mse_loss(d_logits, target)
+    return F.binary_cross_entropy_with_logits(d_logits, target)
+
+
+def discriminator_loss(disc, source_map, target_map, gan="vanilla"):
+    """D's loss: 1/2 loss(D(source), 0) + 1/2 loss(D(target), 1) on detached maps (trains D only)."""
+    return 0.5 * (gan_loss(disc(source_map.detach()), SOURCE_LABEL, gan)
+                  + gan_loss(disc(target_map.detach()), TARGET_LABEL, gan))
+
+
+def generator_loss(disc, target_map, gan="vanilla"):
+    """The segmenter's adversarial term loss(D(target), 0): make target outputs look like source outputs.
+    Call it with the unwrapped D and its parameters frozen (set_requires_grad), so D gets no gradient."""
+    return gan_loss(disc(target_map), SOURCE_LABEL, gan)
+
+
+def set_requires_grad(nets, flag):
+    for net in nets:
+        for p in net.parameters():
+            p.requires_grad_(flag)
+
+
+def softmax_at(logits, size):
+    """Softmax in fp32 of the logits upsampled bilinearly to `size` (the official interp, align_corners=True)."""
+    return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=True).softmax(1)
+
+
+# ----------------------------------------------------------------------------------------------------
+def main():
+    args = parse_args(Args, PRESETS, description=__doc__)
+    # TRY NOT TO MODIFY: setup
+    rt = Runtime(args.device, args.amp)
+    args.world_size, args.rank = rt.world, rt.rank
+    if args.batch_size % rt.world:
+        raise UserError(f"--batch-size {args.batch_size} is the global batch; it must divide by {rt.world} processes")
+    args.out = out_dir = share_run_dir(rt, resolve_out_dir(args, SCRIPT))
+    seed_everything(args.seed, args.torch_deterministic)
+    classes, eval_classes, pred_map = class_setup(args.source, args.target, args.synthia_classes)
+    num_classes = len(classes)
+    ckpt_path = resume_path(args.resume, out_dir)
+
+    # ALGO LOGIC: networks and optimisers
+    args.multi_level = args.multi_level and not args.single_level
+    model = DeepLabV2(args.backbone, num_classes, args.multi_level, args.aspp_branches, args.bn_mode)
+    norm = load_init(model, args.init, args.backbone) if not (ckpt_path or args.eval_only) else None
+    model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
+    optimizer = torch.optim.SGD(model.param_groups(args.lr, args.head_lr_mult), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    levels = ("aux", "main") if args.multi_level else ("main",)
+    lambda_adv = {"aux": args.lambda_adv_aux, "main": args.lambda_adv_main}
+    discriminators = {level: FCDiscriminator(num_classes).to(
+        rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
+        for level in levels}
+    d_optimizers = {level: torch.optim.Adam([{"params": d.parameters(), "lr_mult": 1.0}], lr=args.lr_d,
+                                            betas=(0.9, 0.99)) for level, d in discriminators.items()}
+    networks = {"model": model, **{f"disc_{level}": d for level, d in discriminators.items()}}
+
+    # TRY NOT TO MODIFY: run folder, dry run, resume
+    norm = args.normalization if args.normalization != "auto" else norm
+    log = RunLog(out_dir, rt.is_main)
+    log.write_config(SCRIPT, args, param_counts(**networks), normalization=norm, num_classes=num_classes)
+    if args.dry_run:
+        print(f"dry run: config written to {log.path('config.json')}")
+        return
+    start_iter = 0
+    if ckpt_path or args.eval_only:
+        if args.eval_only and len(args.weights) != 1:
+            raise UserError("--eval-only needs exactly one --weights PATH")
+        ckpt = load_checkpoint(args.weights[0] if args.eval_only else ckpt_path, SCRIPT, num_classes)
+        model.load_state_dict(ckpt["model"])
+        norm, start_iter = ckpt["normalization"], ckpt["iter"]
+        if not args.eval_only:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            for level in discriminators:
+                discriminators[level].load_state_dict(ckpt[f"disc_{level}"])
+                d_optimizers[level].load_state_dict(ckpt[f"optimizer_d_{level}"])
+            rt.scaler.load_state_dict(ckpt["scaler"])
+            set_rng_state(ckpt["rng"])
+            print(f"resumed from {ckpt_path} at iteration {start_iter}")
+
+    def to_input(images):
+        x = normalize(images.to(rt.device, non_blocking=True), norm)
+        return x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x
+
+    # TRY NOT TO MODIFY: evaluation
+    target_val = domain_split(args.target, "val", args.data_root)
+    eval_size = args.eval_size or args.target_size or target_val.paper_size
+
+    def evaluate_model(final=False):
+        model.eval()
+        with torch.no_grad(), rt.autocast():
+            summary = evaluate_target(lambda x: model(to_input(x))[1], target_val, rt, align_corners=True, log=log,
+                                      num_predictions=args.num_predictions if final else 0, limit=args.eval_limit,
+                                      eval_size=eval_size, pred_map=pred_map,
+                                      synthia_protocols=args.source == "synthia" and len(eval_classes) == 19)
+        model.train()
+        return summary
+
+    if args.eval_only:
+        summary = evaluate_model(final=True)
+        log.write_results(summary, start_iter, weights=args.weights)
+        print(f"target val mIoU {summary['miou']:.2f} ({log.path('results.json')})")
+        return
+
+    def checkpoint(it):
+        if rt.is_main:
+            save_checkpoint(log.path("checkpoints", "last.pt"), {
+                "script": SCRIPT, "num_classes": num_classes, "iter": it, "normalization": norm,
+                "args": dataclasses.asdict(args), "model": unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict(), "scaler": rt.scaler.state_dict(), "rng": rng_state(),
+                **{f"disc_{level}": d.state_dict() for level, d in discriminators.items()},
+                **{f"optimizer_d_{level}": o.state_dict() for level, o in d_optimizers.items()}})
+
+    # ALGO LOGIC: data
+    source_train = domain_split(args.source, "train", args.data_root, synthia_classes=args.synthia_classes)
+    source_transform = TrainTransform(size=args.source_size or source_train.paper_size, crop=args.crop_size)
+    per_rank_batch = args.batch_size // rt.world
+    source_batches = train_loader(SegDataset(source_train, source_transform), per_rank_batch, args.seed + rt.rank,
+                                  start_iter, num_workers=args.num_workers, pin_memory=rt.device.type == "cuda")
+    # the unlabelled target train split, resized to the domain's paper size (Cityscapes 1024x512); its own
+    # sample stream (seed offset), distinct from every rank's source stream
+    target_train = domain_split(args.target, "train", args.data_root, labelled=False)
+    target_transform = TrainTransform(size=args.target_size or target_train.paper_size, crop=args.crop_size)
+    target_batches = train_loader(SegDataset(target_train, target_transform, with_label=False), per_rank_batch,
+                                  args.seed + 100_003 + rt.rank, start_iter, num_workers=args.num_workers,
+                                  pin_memory=rt.device.type == "cuda")
+    train_model = rt.wrap(model)
+    train_discriminators = {level: rt.wrap(d) for level, d in discriminators.items()}
+    # DDP: the source backward accumulates locally, the target backward all-reduces the sum (style.md 8.1)
+    source_no_sync = getattr(train_model, "no_sync", contextlib.nullcontext)
+
+    # TRY NOT TO MODIFY: training loop
+    running = {}
+    log.start_loop(start_iter)
+    progress = tqdm(range(start_iter, args.iters), initial=start_iter, total=args.iters, disable=not rt.is_main,
+                    desc=SCRIPT, dynamic_ncols=True)
+    for it in progress:
+        lr = poly_lr(args.lr, it, args.poly_horizon, args.poly_power)
+        set_lr(optimizer, lr)
+
+        # ALGO LOGIC: one iteration (official order: source seg, target adversarial, discriminators, step all)
+        for d_optimizer in d_optimizers.values():
+            set_lr(d_optimizer, poly_lr(args.lr_d, it, args.poly_horizon, args.poly_power))
+            d_optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
+        images, labels, _ = next(source_batches)
+        target_images, _, _ = next(target_batches)
+        labels = labels.to(rt.device, non_blocking=True).long()
+        # 1. source segmentation
+        with source_no_sync():
+            with rt.autocast():
+                aux, main = train_model(to_input(images))
+            losses = {"seg_src": seg_loss(main, labels)}
+            if aux is not None:
+                losses["seg_aux"] = seg_loss(aux, labels)
+            loss = losses["seg_src"] + args.lambda_seg_aux * losses.get("seg_aux", 0.0)
+            rt.scaler.scale(loss).backward()
+        source_maps = {level: softmax_at(out.detach(), images.shape[-2:])
+                       for level, out in zip(("aux", "main"), (aux, main)) if level in levels}
+        # 2. target: fool the discriminators, label source (frozen and unwrapped: no gradient, no DDP hook)
+        with rt.autocast():
+            target_out = dict(zip(("aux", "main"), train_model(to_input(target_images))))
+        target_maps = {level: softmax_at(target_out[level], target_images.shape[-2:]) for level in levels}
+        set_requires_grad(discriminators.values(), False)
+        with rt.autocast():
+            for level in levels:
+                losses[f"adv_{level}"] = generator_loss(discriminators[level], target_maps[level], args.gan)
+        loss = sum(lambda_adv[level] * losses[f"adv_{level}"] for level in levels)
+        rt.scaler.scale(loss).backward()
+        set_requires_grad(discriminators.values(), True)
+        # 3. discriminators on the detached maps: source 0, target 1
+        with rt.autocast():
+            for level in levels:
+                losses[f"d_{level}"] = discriminator_loss(train_discriminators[level], source_maps[level],
+                                                          target_maps[level], args.gan)
+        rt.scaler.scale(sum(losses[f"d_{level}"] for level in levels)).backward()
+        # 4. step all
+        rt.scaler.step(optimizer)
+        for d_optimizer in d_optimizers.values():
+            rt.scaler.step(d_optimizer)
+        rt.scaler.update()
+
+        # TRY NOT TO MODIFY: logging, evaluation, checkpoints
+        for k, v in losses.items():
+            running[k] = running.get(k, 0.0) + v.detach()
+        done = it + 1
+        if done % args.log_every == 0 or done % args.checkpoint_every == 0 or done == args.iters:
+            scalars = log.check_and_log(done, running, lr, args.batch_size, progress,
+                                        write=done % args.log_every == 0 or done == args.iters)
+            running = {} if scalars is not None else running
+        if args.eval_every and done % args.eval_every == 0 and done != args.iters:
+            log.log_eval(done, evaluate_model())
+        if done % args.checkpoint_every == 0 or done == args.iters:
+            checkpoint(done)
+
+    # TRY NOT TO MODIFY: final evaluation
+    summary = evaluate_model(final=True)
+    log.log_eval(args.iters, summary)
+    log.write_results(summary, args.iters)
+    log.close()
+    rt.close()
+
+
+if __name__ == "__main__":
+    guard(main)

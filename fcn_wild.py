@@ -1,0 +1,697 @@
+"""FCNs in the Wild: global domain confusion on fc7 cells plus category-specific size constraints.
+
+Hoffman, Wang, Yu, Darrell, "FCNs in the Wild: Pixel-level Adversarial and Constraint-based Adaptation",
+arXiv 2016, https://arxiv.org/abs/1612.02649. There is NO official code and the paper states no
+hyperparameters: every numeric default here is THIRD-PARTY, from the unofficial TF1 code
+stu92054/Domain-adaptation-on-segmentation, FCNs_Wild/ (src/train_adv.py, src/custom_grad.py,
+models/model.py, scripts/train_syn2city.sh).
+Recipe (source_only.py plus the method; the network is not DeepLab-v2 but the dilated VGG-16 front-end):
+- Network: Yu & Koltun's VGG-16 front-end: pool4/pool5 removed, conv5 dilation 2, fc6 7x7 conv
+  512->4096 dilation 4 pad 12, fc7 1x1 4096->4096 (ReLU + Dropout 0.5 each), fc8 1x1 -> C, output stride 8.
+  ImageNet init: torchvision VGG-16 (classifier.0/classifier.3 reshaped into fc6/fc7). The paper adapts
+  a source-trained front-end: train one with `--no-global --no-category` (= source only), then
+  `--init <that run>/checkpoints/last.pt`.
+- GA (global alignment): a fully convolutional domain classifier D on the fc7 cells (1x1 convs
+  4096->1024->1024->1 logit, ReLU + Dropout 0.5), every cell one instance. Domain labels source 0,
+  target 1 (repo convention, methods.md 0.2; the third-party code uses source 1, only the sign differs).
+  D minimises its BCE on detached features; the features minimise the confusion loss
+  1/2 (L_D + L_Dinv) (= BCE toward 1/2 per cell) with D fixed. Alternating objectives, no gradient reversal.
+- CA (category-specific adaptation, on target images): per-class pixel-fraction statistics of the
+  source labels over the images containing the class (alpha = 10th percentile, delta = mean,
+  gamma = 90th percentile; cached as JSON, printed in the log). Class c is present in a target image if
+  its argmax fraction exceeds 0.1 alpha_c (absent: P(c) = 0). P = argmin KL(P||Q) subject to
+  mean P(c) >= delta_c (slack, weight 2) and mean P(c) <= gamma_c (hard), i.e. P prop. to
+  Q exp(lambda_c - mu_c), solved by projected gradient ascent on the dual. Loss KL(P||Q)/N with P fixed
+  (logit gradient (Q - P)/N), gradient x0.1 for large classes (alpha_c > 0.1: road, building,
+  vegetation on GTA5/SYNTHIA). Q: softmax of the x8-upsampled prediction, subsampled x4.
+- Optimisation (third-party): one Adam per objective, each with its own moments, so the learning-rate
+  multipliers act as in the TF code (with Adam a multiplier on a loss would be normalised away):
+  task (F + fc8, lr 1e-6, wd 5e-4 on fc6/fc7/fc8), D (lr x10), confusion (F = conv1..fc7, lr x
+  2/(1+exp(-10 t/T)) - 1), CA (F + fc8, lr x0.1). All gradients are taken at the same parameters from one
+  source and one target forward (one autograd.grad per objective), then every optimiser steps.
+  Constant lr (poly power 0). 512x256 inputs (no crop), evaluation at 512x256.
+Reported (paper, mIoU): GTA5->Cityscapes source only 21.1, GA 25.5, GA+CA 27.1;
+SYNTHIA->Cityscapes 14.7 / 16.6 / 17.0 (mean over 19 columns; 20.2 over 16 classes).
+`--no-global` / `--no-category` give the ablation rows; both = source only.
+
+Deviations from the third-party code (train_adv.py):
+- Units: one iteration here is one optimiser update of `--batch-size` source + as many target images,
+  split into `--grad-accum` micro-batches. The TF code counts micro-steps (batch 8 = 4+4, iter_size 2,
+  max_step 2000 = 1000 updates of 8+8; its ramp scale 1200 micro-steps = 600 updates), hence
+  batch 8, grad accumulation 2, 1000 iterations and ramp 600 here. It applies its CA update every
+  micro-step without accumulation; here CA is accumulated like the other objectives.
+- The TF code runs task, D and confusion in three sess.run calls (three forwards, sequential updates)
+  and averages D over 2 softmax logits; here one forward per domain, gradients at the same point, and a
+  1-logit BCE domain classifier (equivalent). It keeps an EMA of the weights that nothing reads: not kept.
+- Upsampling: bilinear interpolation of the stride-8 logits (align_corners=True, as source_only.py)
+  instead of a 16x16/8 deconvolution initialised bilinear (the same operator up to border handling).
+- CA: the CCNN C++ solver is replaced by projected gradient ascent on the dual (`--ca-solver-steps`);
+  the CA gradient is averaged over the batch's target images (the TF code sums them; Adam removes the scale).
+- Normalisation follows the init (ImageNet mean/std for torchvision weights) instead of per-dataset BGR
+  means; weight decay is applied by the task optimiser to fc6/fc7/fc8 as the TF code's L2 terms.
+- No DDP wrapper: several backward passes over one forward are not supported by DDP, so each objective's
+  gradients are averaged over the ranks with one all_reduce per step.
+- `--preset quick` (toy domains, CPU, from scratch): see PRESETS and benchmarks/fcn_wild.md.
+Docs: README.md, section "Methods"; benchmarks/fcn_wild.md.
+"""
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from tqdm import tqdm
+
+from common.checkpoint import load_checkpoint, resume_path, rng_state, save_checkpoint, set_rng_state
+from common.cli import UserError, guard, parse_args
+from common.data import SegDataset, TrainTransform, class_setup, domain_split, normalize, train_loader
+from common.metrics import evaluate_target
+from common.runlog import RunLog, param_counts, save_json
+from common.runtime import Runtime, resolve_out_dir, seed_everything, share_run_dir, unwrap
+
+SCRIPT = "fcn_wild"
+
+
+@dataclass
+class Args:
+    source: str = "gta"
+    """source domain: gta, synthia, cityscapes (the oracle), toy-synth, toy-real or a folder dataset path"""
+    target: str = "cityscapes"
+    """target domain, evaluated on its val split (built-in name or folder dataset path)"""
+    data_root: str = "data"
+    """folder holding gta/, synthia/, cityscapes/"""
+    preset: Literal["paper", "quick"] = "paper"
+    """paper: the published recipe; quick: CPU-sized run on the toy domains (explicit flags override it)"""
+    backbone: str = "vgg16"
+    """dilated VGG-16 front-end: vgg16 (paper) or vgg16_small (channels /8, fc6/fc7 512 wide, for CPU runs)"""
+    init: str = "imagenet"
+    """imagenet (torchvision VGG-16), none (random) or a local file (a torchvision vgg16 state dict or a
+    checkpoint of this script, e.g. a source-only run with --no-global --no-category: the paper's start)"""
+    iters: int = 1000
+    """training iterations = optimiser updates (third-party: 2000 micro-steps of 4+4 = 1000 updates of 8+8)"""
+    batch_size: int = 8
+    """global source batch per update (as many target images), split over torchrun processes and
+    --grad-accum micro-batches (third-party: 8 = 2 micro-batches of 4)"""
+    crop_size: Optional[list[int]] = None
+    """random crop H [W] after resizing; none trains on whole resized frames (paper: none)"""
+    lr: float = 1e-6
+    """Adam learning rate of the task objective; the other objectives use multiples (third-party: 1e-6)"""
+    seed: int = 1234
+    """seed of every random choice (AdaptSegNet: 1234)"""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """auto: cuda if available"""
+    amp: bool = True
+    """mixed precision on CUDA (bf16 where supported, else fp16 with a GradScaler)"""
+    num_workers: int = 4
+    """data-loading processes per training process"""
+    eval_every: int = 250
+    """evaluate on the target val split every N iterations (0: only at the end)"""
+    checkpoint_every: int = 100
+    """write checkpoints/last.pt every N iterations (third-party: every 200 micro-steps = 100 updates)"""
+    out: Optional[str] = None
+    """run folder (default runs/<script>-<source>2<target>-s<seed>-<timestamp>)"""
+    resume: Optional[str] = None
+    """auto (the newest matching run folder's last.pt) or a checkpoint path"""
+    eval_only: bool = False
+    """evaluate --weights on the target val split, write results.json, exit"""
+    weights: list[str] = field(default_factory=list)
+    """checkpoint(s) to evaluate with --eval-only"""
+    dry_run: bool = False
+    """build networks and optimisers, write config.json with parameter counts, exit without reading data"""
+    log_every: int = 50
+    """write metrics.jsonl every N iterations (the only host syncs of the loop)"""
+    torch_deterministic: bool = False
+    """force deterministic cuDNN/cuBLAS kernels (slower)"""
+    source_size: Optional[list[int]] = None
+    """resize source frames to H W (default: 256 512 for GTA5, SYNTHIA and Cityscapes (third-party), else native)"""
+    target_size: Optional[list[int]] = None
+    """resize target frames to H W for training (default: 256 512 for Cityscapes (third-party), else native)"""
+    eval_size: Optional[list[int]] = None
+    """evaluation input H W; logits are upsampled to the full label size (default: as target_size)"""
+    eval_limit: Optional[int] = None
+    """score only the first N target val images (default: all)"""
+    num_predictions: int = 4
+    """colour-coded target-val predictions saved to predictions/ at the end"""
+    synthia_classes: int = 19
+    """classes of the head when the source is SYNTHIA: 19 (evaluated on 16/13) or 16"""
+    normalization: Literal["auto", "imagenet", "caffe"] = "auto"
+    """input normalisation; auto: what the init expects (imagenet for torchvision weights, a checkpoint's own)"""
+    weight_decay: float = 5e-4
+    """L2 weight decay of fc6/fc7/fc8 in the task optimiser (third-party: 5e-4)"""
+    head_lr_mult: float = 1.0
+    """learning-rate multiplier of fc8 in the task and CA optimisers (third-party: 1)"""
+    poly_horizon: int = 1000
+    """poly schedule horizon T in lr*(1-t/T)^power (unused with power 0)"""
+    poly_power: float = 0.0
+    """poly schedule power; 0 keeps the lr constant (third-party: constant)"""
+
+    # Algorithm specific arguments
+    global_alignment: bool = True
+    """GA: fc7 domain classifier + domain confusion; --no-global drops it (paper ablation; third-party: on)"""
+    category_alignment: bool = True
+    """CA: size-constrained loss on target predictions; --no-category drops it (both off = source only)"""
+    grad_accum: int = 2
+    """micro-batches per update; gradients are averaged over them (third-party iter_size: 2)"""
+    d_lr_mult: float = 10.0
+    """learning-rate multiplier of the domain classifier's Adam (third-party: 10)"""
+    confusion_ramp_iters: int = 600
+    """T of the confusion lr multiplier 2/(1+exp(-10 t/T)) - 1 (third-party: 1200 micro-steps = 600 updates)"""
+    ca_lr_mult: float = 0.1
+    """learning-rate multiplier of the CA Adam (third-party: 0.1)"""
+    ca_start: int = 0
+    """iteration at which CA starts (third-party: 0, joint from the start of adaptation)"""
+    ca_subsample: int = 4
+    """CA works on every k-th pixel of the upsampled prediction (third-party: 4)"""
+    ca_presence: float = 0.1
+    """class c is present in a target image if its argmax fraction > ca_presence * alpha_c (third-party: 0.1)"""
+    ca_slack: float = 2.0
+    """slack weight of the lower bound delta_c, i.e. the cap of its dual variable (third-party: 2)"""
+    ca_large_alpha: float = 0.1
+    """classes with alpha_c above this are large: CA gradient scaled by ca_large_weight (third-party: road,
+    building, vegetation)"""
+    ca_large_weight: float = 0.1
+    """CA gradient factor of the large classes (third-party: 0.1)"""
+    ca_solver_steps: int = 100
+    """projected gradient ascent steps on the dual of the constrained projection (project choice)"""
+    ca_solver_step_size: float = 2.0
+    """step size of that ascent (project choice)"""
+    stats_images: int = 0
+    """source images used for the class-size statistics (0: all; datasets.md section 8)"""
+
+    # to be filled in runtime
+    world_size: int = field(default=0, metadata={"runtime": True})
+    rank: int = field(default=0, metadata={"runtime": True})
+
+
+PRESETS = {
+    "paper": {},
+    "quick": dict(source="toy-synth", target="toy-real", backbone="vgg16_small", init="none", iters=300, batch_size=4,
+                  lr=3e-4, eval_every=0, checkpoint_every=100, num_workers=1, log_every=10, poly_horizon=300,
+                  poly_power=0.9, seed=0, grad_accum=1, confusion_ramp_iters=180, ca_start=100),
+}
+FCN_INPUT_SIZE = [256, 512]  # H W of every real dataset (third-party: 512x256, resize only)
+
+
+# ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: the dilated VGG-16 front-end (Yu & Koltun) and the fc7 domain classifier
+VGG_WIDTHS = {"vgg16": ((64, 128, 256, 512, 512), 4096, 1024),  # conv stages, fc6/fc7, domain classifier
+              "vgg16_small": ((8, 16, 32, 64, 64), 512, 128)}
+
+
+class VGG16FrontEnd(nn.Module):
+    """Output stride 8; forward returns (fc7 features after dropout, fc8 logits at stride 8).
+
+    `features` keeps torchvision's vgg16 indices (pool4 and pool5 are Identity), so ImageNet weights load
+    by name; conv5 has dilation 2, fc6 is a 7x7 conv with dilation 4 (pad 12)."""
+
+    def __init__(self, backbone="vgg16", num_classes=19):
+        super().__init__()
+        if backbone not in VGG_WIDTHS:
+            raise UserError(f"unknown backbone '{backbone}': use one of {', '.join(VGG_WIDTHS)}")
+        widths, fc_width, _ = VGG_WIDTHS[backbone]
+        layers, channels = [], 3
+        for stage, (width, convs) in enumerate(zip(widths, (2, 2, 3, 3, 3))):
+            dilation = 2 if stage == 4 else 1
+            for _ in range(convs):
+                layers += [nn.Conv2d(channels, width, 3, padding=dilation, dilation=dilation), nn.ReLU(inplace=True)]
+                channels = width
+            layers.append(nn.MaxPool2d(2, 2, ceil_mode=True) if stage < 3 else nn.Identity())
+        self.features = nn.Sequential(*layers)
+        self.fc6 = nn.Conv2d(channels, fc_width, 7, padding=12, dilation=4)
+        self.fc7 = nn.Conv2d(fc_width, fc_width, 1)
+        self.fc8 = nn.Conv2d(fc_width, num_classes, 1)
+        self.dropout = nn.Dropout(0.5)
+        for m in self.modules():  # He init (fan_in keeps the activation scale of this BN-free net from scratch)
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.fc8.weight, 0, 0.01)
+
+    def forward(self, x):
+        x = self.dropout(F.relu(self.fc6(self.features(x))))
+        fc7 = self.dropout(F.relu(self.fc7(x)))
+        return fc7, self.fc8(fc7)
+
+    def feature_params(self):
+        """F of the paper: conv1_1 .. fc7 (everything but fc8)."""
+        return [p for n, p in self.named_parameters() if not n.startswith("fc8.")]
+
+    def param_groups(self, lr, head_lr_mult, weight_decay=0.0):
+        """conv layers (no decay), fc6/fc7 (decay), fc8 (decay, head_lr_mult)."""
+        named = list(self.named_parameters())
+        convs = [p for n, p in named if n.startswith("features.")]
+        fcs = [p for n, p in named if n.startswith(("fc6.", "fc7."))]
+        head = [p for n, p in named if n.startswith("fc8.")]
+        return [{"params": convs, "lr": lr, "lr_mult": 1.0, "weight_decay": 0.0},
+                {"params": fcs, "lr": lr, "lr_mult": 1.0, "weight_decay": weight_decay},
+                {"params": head, "lr": lr * head_lr_mult, "lr_mult": head_lr_mult, "weight_decay": weight_decay}]
+
+
+class DomainClassifier(nn.Module):
+    """Fully convolutional domain classifier on the fc7 cells: one logit per cell (source 0, target 1).
+    1x1 convs fc_width -> width -> width -> 1, ReLU + Dropout 0.5 (third-party: N(0, 0.001) init)."""
+
+    def __init__(self, in_channels, width):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(in_channels, width, 1), nn.ReLU(inplace=True), nn.Dropout(0.5),
+                                 nn.Conv2d(width, width, 1), nn.ReLU(inplace=True), nn.Dropout(0.5),
+                                 nn.Conv2d(width, 1, 1))
+        for m in self.net:
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0, 0.001)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, fc7):
+        return self.net(fc7)
+
+
+def load_init(model, init, backbone) -> str:
+    """Load --init into the front-end; return the input normalisation the weights expect.
+    imagenet: torchvision VGG-16 (classifier.0/3 reshaped into fc6/fc7, fc8 stays random). A file: a
+    torchvision vgg16 state dict, or a checkpoint of this script (fc8 is loaded too when it fits)."""
+    if init == "none":
+        return "imagenet"
+    norm = "imagenet"
+    if init == "imagenet":
+        if backbone != "vgg16":
+            raise UserError(f"--init imagenet needs --backbone vgg16 (there are no ImageNet weights for {backbone})")
+        state = torchvision.models.vgg16(weights="IMAGENET1K_V1").state_dict()
+    else:
+        if not os.path.isfile(init):
+            raise UserError(f"--init {init}: no such file (use imagenet, none or a path)")
+        try:
+            state = torch.load(init, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"cannot load --init {init}: {str(e).splitlines()[0][:200]}") from None
+        if isinstance(state, dict) and "script" in state and state["script"] != SCRIPT:
+            raise UserError(f"--init {init} was written by {state['script']}, not {SCRIPT} (another network)")
+        norm = state.get("normalization", norm) if isinstance(state, dict) else norm
+        state = state.get("model", state.get("state_dict", state))
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    if "classifier.0.weight" in state:  # torchvision layout: the fully connected layers become convolutions
+        for fc, key in (("fc6", "classifier.0"), ("fc7", "classifier.3")):
+            weight, kernel = state.pop(f"{key}.weight"), model.fc6.kernel_size if fc == "fc6" else (1, 1)
+            if weight.numel() % (weight.shape[0] * kernel[0] * kernel[1]) == 0:  # else reported as misshapen below
+                state[f"{fc}.weight"] = weight.reshape(weight.shape[0], -1, *kernel)
+            state[f"{fc}.bias"] = state.pop(f"{key}.bias")
+    own = model.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    backbone_keys = [k for k in own if not k.startswith("fc8.")]
+    missing = [k for k in backbone_keys if k not in matched]
+    if missing:
+        raise UserError(f"--init {init} does not fit a {backbone} front-end: {len(missing)} of "
+                        f"{len(backbone_keys)} backbone tensors missing or misshapen (e.g. {missing[0]})")
+    model.load_state_dict(matched, strict=False)
+    print(f"init {init}: {'loaded' if 'fc8.weight' in matched else 'random'} fc8")
+    return norm
+
+
+def seg_loss(logits, labels, align_corners=True):
+    """Cross-entropy at label resolution, mean over valid pixels (255 ignored; 0 if none are valid)."""
+    logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=align_corners)
+    total = F.cross_entropy(logits, labels, ignore_index=255, reduction="sum")
+    return total / (labels != 255).sum().clamp(min=1)
+
+
+def poly_lr(base_lr, it, horizon, power):
+    return base_lr * (1 - min(it, horizon - 1) / horizon) ** power
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_mult"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: global alignment (domain confusion)
+SOURCE_LABEL, TARGET_LABEL = 0.0, 1.0  # repo convention (methods.md 0.2); FCNs-wild's code uses source 1
+
+
+def domain_bce(d_logits, domain_label):
+    """BCE with logits of every cell against a constant domain label (fp32, mean over cells)."""
+    d_logits = d_logits.float()
+    return F.binary_cross_entropy_with_logits(d_logits, torch.full_like(d_logits, domain_label))
+
+
+def confusion_loss(d_logits):
+    """1/2 (L_D + L_Dinv): the BCE with the true and with the swapped label, averaged = BCE toward 1/2."""
+    return 0.5 * (domain_bce(d_logits, SOURCE_LABEL) + domain_bce(d_logits, TARGET_LABEL))
+
+
+def confusion_ramp(it, ramp_iters):
+    """lr multiplier of the confusion objective: 2/(1+exp(-10 t/T)) - 1 (DANN's schedule; third-party T=1200)."""
+    return 2.0 / (1.0 + math.exp(-10.0 * it / max(ramp_iters, 1))) - 1.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: category-specific adaptation (class-size constraints, CCNN-style)
+def class_size_stats(fractions: np.ndarray) -> dict:
+    """fractions: (images, C) pixel fraction of each class per image. Over the images containing class c:
+    alpha = 10th percentile, delta = mean, gamma = 90th percentile (0 for a class that never occurs)."""
+    stats = {"alpha": [], "delta": [], "gamma": [], "images_with_class": []}
+    for c in range(fractions.shape[1]):
+        f = fractions[fractions[:, c] > 0, c]
+        stats["images_with_class"].append(int(len(f)))
+        for key, value in (("alpha", np.percentile(f, 10) if len(f) else 0.0), ("delta", f.mean() if len(f) else 0.0),
+                           ("gamma", np.percentile(f, 90) if len(f) else 0.0)):
+            stats[key].append(float(value))
+    return stats
+
+
+class _ClassFractions(torch.utils.data.Dataset):
+    def __init__(self, split, num_classes):
+        self.split, self.num_classes = split, num_classes
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, i):
+        label = self.split.load_label(i)
+        return torch.from_numpy(np.bincount(label.ravel(), minlength=256)[:self.num_classes] / label.size)
+
+
+def source_class_stats(split, num_classes, cache_path, num_images=0, num_workers=0) -> dict:
+    """Class-size statistics of the source train labels (native resolution), computed once and cached as JSON."""
+    n = len(split) if num_images <= 0 else min(num_images, len(split))
+    if os.path.isfile(cache_path):
+        with open(cache_path) as f:
+            stats = json.load(f)
+        if stats.get("classes") == list(split.classes) and stats.get("images") == n:
+            return stats
+    dataset = torch.utils.data.Subset(_ClassFractions(split, num_classes), range(n))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16, num_workers=num_workers)
+    fractions = torch.cat([b for b in tqdm(loader, desc="class-size statistics", leave=False)]).numpy()
+    stats = {"classes": list(split.classes), "images": n, **class_size_stats(fractions)}
+    if not any(stats["images_with_class"]):
+        raise UserError(f"no labelled pixel in the {n} source images used for the class-size statistics")
+    save_json(cache_path, stats)
+    return stats
+
+
+def stats_table(stats) -> str:
+    rows = [f"| {c} | {a:.4f} | {d:.4f} | {g:.4f} | {k} |" for c, a, d, g, k in
+            zip(stats["classes"], stats["alpha"], stats["delta"], stats["gamma"], stats["images_with_class"])]
+    return "\n".join(["| class | alpha (p10) | delta (mean) | gamma (p90) | images |", "|---|---|---|---|---|", *rows])
+
+
+def presence(logits_sub, alpha, factor=0.1):
+    """(B, C) bool: class c is present if its argmax fraction > factor * alpha_c; the most frequent class of
+    the prediction always counts as present (so P is defined even when every fraction is below its bar)."""
+    num_classes = logits_sub.shape[1]
+    fraction = F.one_hot(logits_sub.argmax(1).flatten(1), num_classes).float().mean(1)
+    return (fraction > factor * alpha) | (fraction == fraction.max(1, keepdim=True).values)
+
+
+def constrained_projection(q, present, lower, upper, slack=2.0, steps=100, step_size=2.0):
+    """P = argmin_P KL(P||Q) per image, s.t. for present c: mean_i P_i(c) >= lower_c (slack, hinge weight
+    `slack`) and mean_i P_i(c) <= upper_c (hard); absent c: P_i(c) = 0.
+
+    q: (B, C, N) probabilities; present: (B, C) bool; lower, upper: (C,). The Lagrangian gives
+    P_i(c) prop. to Q_i(c) exp(lambda_c - mu_c) with 0 <= lambda <= slack and mu >= 0; the concave dual
+    g = -mean_i log sum_c Q_i(c) e^(lambda_c - mu_c) + sum_c (lambda_c lower_c - mu_c upper_c) has gradient
+    (lower - mean P, mean P - upper), followed here by projected gradient ascent."""
+    log_q = q.clamp_min(1e-30).log().masked_fill(~present[:, :, None], float("-inf"))
+    lam = torch.zeros(present.shape, dtype=q.dtype, device=q.device)
+    mu = torch.zeros_like(lam)
+    mask = present.to(q.dtype)
+    for _ in range(steps):
+        mean_p = (log_q + (lam - mu)[:, :, None]).softmax(1).mean(2)
+        lam = ((lam + step_size * (lower - mean_p)).clamp(0, slack)) * mask
+        mu = ((mu + step_size * (mean_p - upper)).clamp_min(0)) * mask
+    return (log_q + (lam - mu)[:, :, None]).softmax(1)
+
+
+def ca_loss(logits_sub, p, class_weight):
+    """Mean over images of KL(P||Q)/N, Q = softmax(logits_sub), P fixed; its logit gradient is
+    class_weight_c (Q - P)/N per image (the third-party code scales the gradient, not the loss, hence the
+    value is the plain KL and the gradient is injected)."""
+    logits_sub = logits_sub.float()
+    b, c, h, w = logits_sub.shape
+    log_q = logits_sub.log_softmax(1)
+    n = h * w
+    kl = (p * (p.clamp_min(1e-30).log() - log_q)).sum() / (n * b)
+    grad = class_weight.view(1, c, 1, 1) * (log_q.exp() - p) / (n * b)
+    injected = (logits_sub * grad.detach()).sum()
+    return kl.detach() + injected - injected.detach()
+
+
+def ca_objective(logits_t, size, stats, args):
+    """Upsample the target logits to the input size, keep every k-th pixel, build P, return the CA loss."""
+    up = F.interpolate(logits_t.float(), size=size, mode="bilinear", align_corners=True)
+    sub = up[:, :, ::args.ca_subsample, ::args.ca_subsample]
+    with torch.no_grad():
+        present = presence(sub, stats["alpha"], args.ca_presence)
+        p = constrained_projection(sub.softmax(1).flatten(2), present, stats["delta"], stats["gamma"],
+                                   args.ca_slack, args.ca_solver_steps, args.ca_solver_step_size).view_as(sub)
+    return ca_loss(sub, p, stats["weight"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: one Adam per objective, gradients from one shared forward
+def build_disc(backbone, device):
+    _, fc_width, d_width = VGG_WIDTHS[backbone]
+    return DomainClassifier(fc_width, d_width).to(device)
+
+
+def build_optimizers(model, disc, args):
+    """One Adam per objective -> (params, optimizers), both keyed task / d / conf / ca. The lr multipliers
+    sit in each group's lr_mult (set_lr), so each objective moves its parameters at its own rate."""
+    params = {"task": [p for p in model.parameters()]}
+    optimizers = {"task": torch.optim.Adam(model.param_groups(args.lr, args.head_lr_mult, args.weight_decay), lr=args.lr)}
+    if disc is not None:  # D on its loss (lr x10); the features F on the confusion loss (lr x ramp, set per step)
+        params["d"], params["conf"] = list(disc.parameters()), model.feature_params()
+        optimizers["d"] = torch.optim.Adam([{"params": params["d"], "lr_mult": args.d_lr_mult}], lr=args.lr)
+        optimizers["conf"] = torch.optim.Adam([{"params": params["conf"], "lr_mult": 1.0}], lr=args.lr)
+    if args.category_alignment:  # F + fc8 on the CA loss (lr x0.1)
+        params["ca"] = params["task"]
+        optimizers["ca"] = torch.optim.Adam([{"params": g["params"], "lr_mult": g["lr_mult"] * args.ca_lr_mult}
+                                             for g in model.param_groups(args.lr, args.head_lr_mult)], lr=args.lr)
+    return params, optimizers
+
+
+def objective_grads(objectives, params, scaler):
+    """{name: loss} -> {name: grads w.r.t. params[name]}, one autograd.grad each over the shared graph."""
+    names = list(objectives)
+    return {name: torch.autograd.grad(scaler.scale(objectives[name]), params[name], retain_graph=i < len(names) - 1)
+            for i, name in enumerate(names)}
+
+
+def step_objectives(optimizers, params, grads, scaler):
+    """Give each optimiser its objective's gradients and step it (all gradients were taken at one point)."""
+    for name, grad in grads.items():
+        for p, g in zip(params[name], grad):
+            p.grad = g
+        scaler.step(optimizers[name])
+        optimizers[name].zero_grad(set_to_none=True)
+
+
+def average_over_ranks(grads, rt):
+    """All-reduce (mean) every objective's gradients in one flat buffer (replaces DDP)."""
+    if not rt.distributed:
+        return grads
+    flat = torch.cat([g.flatten() for name in grads for g in grads[name]])
+    rt.all_reduce(flat).div_(rt.world)
+    out, offset = {}, 0
+    for name, gs in grads.items():
+        out[name] = []
+        for g in gs:
+            out[name].append(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+def main():
+    args = parse_args(Args, PRESETS, description=__doc__)
+    # TRY NOT TO MODIFY: setup
+    rt = Runtime(args.device, args.amp)
+    args.world_size, args.rank = rt.world, rt.rank
+    if args.batch_size % rt.world:
+        raise UserError(f"--batch-size {args.batch_size} is the global batch; it must divide by {rt.world} processes")
+    args.out = out_dir = share_run_dir(rt, resolve_out_dir(args, SCRIPT))
+    seed_everything(args.seed, args.torch_deterministic)
+    classes, eval_classes, pred_map = class_setup(args.source, args.target, args.synthia_classes)
+    num_classes = len(classes)
+    ckpt_path = resume_path(args.resume, out_dir)
+
+    # ALGO LOGIC: networks and optimisers
+    if args.batch_size % (rt.world * args.grad_accum):
+        raise UserError(f"--batch-size {args.batch_size} must divide by {rt.world} processes x --grad-accum "
+                        f"{args.grad_accum}")
+    for key, domain in (("source_size", args.source), ("target_size", args.target)):
+        if getattr(args, key) is None and domain in ("gta", "synthia", "cityscapes"):
+            setattr(args, key, list(FCN_INPUT_SIZE))  # the third-party 512x256 (eval_size follows target_size)
+    model = VGG16FrontEnd(args.backbone, num_classes)
+    norm = load_init(model, args.init, args.backbone) if not (ckpt_path or args.eval_only) else None
+    model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
+    disc = build_disc(args.backbone, rt.device) if args.global_alignment else None
+    params, optimizers = build_optimizers(model, disc, args)
+    optimizer = optimizers["task"]
+    networks = {"model": model, **({"disc": disc} if disc is not None else {})}
+
+    # TRY NOT TO MODIFY: run folder, dry run, resume
+    norm = args.normalization if args.normalization != "auto" else norm
+    log = RunLog(out_dir, rt.is_main)
+    log.write_config(SCRIPT, args, param_counts(**networks), normalization=norm, num_classes=num_classes)
+    if args.dry_run:
+        print(f"dry run: config written to {log.path('config.json')}")
+        return
+    start_iter = 0
+    if ckpt_path or args.eval_only:
+        if args.eval_only and len(args.weights) != 1:
+            raise UserError("--eval-only needs exactly one --weights PATH")
+        ckpt = load_checkpoint(args.weights[0] if args.eval_only else ckpt_path, SCRIPT, num_classes)
+        model.load_state_dict(ckpt["model"])
+        norm, start_iter = ckpt["normalization"], ckpt["iter"]
+        if not args.eval_only:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            rt.scaler.load_state_dict(ckpt["scaler"])
+            set_rng_state(ckpt["rng"])
+            print(f"resumed from {ckpt_path} at iteration {start_iter}")
+            extra = {**{name: net for name, net in networks.items() if name != "model"},
+                     **{f"optimizer_{name}": opt for name, opt in optimizers.items() if name != "task"}}
+            for key, state_holder in extra.items():  # the domain classifier and the other objectives' Adams
+                if key not in ckpt:
+                    raise UserError(f"{ckpt_path} has no '{key}': it was written with other --global/--category flags")
+                state_holder.load_state_dict(ckpt[key])
+
+    def to_input(images):
+        x = normalize(images.to(rt.device, non_blocking=True), norm)
+        return x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x
+
+    # TRY NOT TO MODIFY: evaluation
+    target_val = domain_split(args.target, "val", args.data_root)
+    eval_size = args.eval_size or args.target_size or target_val.paper_size
+
+    def evaluate_model(final=False):
+        model.eval()
+        with torch.no_grad(), rt.autocast():
+            summary = evaluate_target(lambda x: model(to_input(x))[1], target_val, rt, align_corners=True, log=log,
+                                      num_predictions=args.num_predictions if final else 0, limit=args.eval_limit,
+                                      eval_size=eval_size, pred_map=pred_map,
+                                      synthia_protocols=args.source == "synthia" and len(eval_classes) == 19)
+        model.train()
+        return summary
+
+    if args.eval_only:
+        summary = evaluate_model(final=True)
+        log.write_results(summary, start_iter, weights=args.weights)
+        print(f"target val mIoU {summary['miou']:.2f} ({log.path('results.json')})")
+        return
+
+    def checkpoint(it):
+        if rt.is_main:
+            save_checkpoint(log.path("checkpoints", "last.pt"), {
+                "script": SCRIPT, "num_classes": num_classes, "iter": it, "normalization": norm,
+                "args": dataclasses.asdict(args), "model": unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict(), "scaler": rt.scaler.state_dict(), "rng": rng_state(),
+                **{name: net.state_dict() for name, net in networks.items() if name != "model"},
+                **{f"optimizer_{name}": opt.state_dict() for name, opt in optimizers.items() if name != "task"}})
+
+    # ALGO LOGIC: data
+    source_train = domain_split(args.source, "train", args.data_root, synthia_classes=args.synthia_classes)
+    source_transform = TrainTransform(size=args.source_size or source_train.paper_size, crop=args.crop_size)
+    per_rank_batch = args.batch_size // rt.world // args.grad_accum
+    source_batches = train_loader(SegDataset(source_train, source_transform), per_rank_batch, args.seed + rt.rank,
+                                  start_iter * args.grad_accum, num_workers=args.num_workers,
+                                  pin_memory=rt.device.type == "cuda")
+    use_target = args.global_alignment or args.category_alignment
+    if use_target:  # its own sample stream (seed offset), distinct from every rank's source stream
+        target_train = domain_split(args.target, "train", args.data_root, labelled=False)
+        target_transform = TrainTransform(size=args.target_size or target_train.paper_size, crop=args.crop_size)
+        target_batches = train_loader(SegDataset(target_train, target_transform, with_label=False), per_rank_batch,
+                                      args.seed + 100_003 + rt.rank, start_iter * args.grad_accum,
+                                      num_workers=args.num_workers, pin_memory=rt.device.type == "cuda")
+    if args.category_alignment:
+        # cached next to a real dataset (if writable), in the run folder for the toy domains; always copied there
+        cache = log.path("class_stats.json")
+        if source_train.toy is None:
+            root = os.path.join(args.data_root, args.source) if args.source in ("gta", "synthia", "cityscapes") else args.source
+            if os.path.isdir(root) and os.access(root, os.W_OK):
+                cache = os.path.join(root, f"fcn_wild_class_stats-{num_classes}.json")
+        if rt.is_main:
+            stats = source_class_stats(source_train, num_classes, cache, args.stats_images, args.num_workers)
+            save_json(log.path("class_stats.json"), stats)
+            print(f"class-size statistics of {stats['images']} source images (cache {cache}):\n{stats_table(stats)}")
+        rt.barrier()
+        with open(log.path("class_stats.json")) as f:
+            stats = json.load(f)
+        alpha = torch.tensor(stats["alpha"], device=rt.device)
+        ca_stats = {"alpha": alpha, "delta": torch.tensor(stats["delta"], device=rt.device),
+                    "gamma": torch.tensor(stats["gamma"], device=rt.device),
+                    "weight": torch.where(alpha > args.ca_large_alpha, args.ca_large_weight, 1.0)}
+    train_model = model  # no DDP wrapper: gradients are averaged by average_over_ranks
+
+    # TRY NOT TO MODIFY: training loop
+    running = {}
+    log.start_loop(start_iter)
+    progress = tqdm(range(start_iter, args.iters), initial=start_iter, total=args.iters, disable=not rt.is_main,
+                    desc=SCRIPT, dynamic_ncols=True)
+    for it in progress:
+        lr = poly_lr(args.lr, it, args.poly_horizon, args.poly_power)
+        set_lr(optimizer, lr)
+
+        # ALGO LOGIC: one iteration = grad_accum micro-batches of source (+ target) images, one step per objective
+        for name in ("d", "ca"):
+            if name in optimizers:
+                set_lr(optimizers[name], lr)
+        if "conf" in optimizers:
+            set_lr(optimizers["conf"], lr * confusion_ramp(it, args.confusion_ramp_iters))
+        use_ca = args.category_alignment and it >= args.ca_start
+        grads, losses = {}, {}
+        for _ in range(args.grad_accum):
+            images, labels, _ = next(source_batches)
+            labels = labels.to(rt.device, non_blocking=True).long()
+            with rt.autocast():
+                fc7_s, logits_s = train_model(to_input(images))
+            objectives = {"task": seg_loss(logits_s, labels)}
+            parts = {"seg_src": objectives["task"]}
+            if use_target:
+                target_images, _, _ = next(target_batches)
+                with rt.autocast():
+                    fc7_t, logits_t = train_model(to_input(target_images))
+            if args.global_alignment:
+                with rt.autocast():  # one D forward serves both: D's loss is differentiated w.r.t. D only,
+                    d_s, d_t = disc(fc7_s), disc(fc7_t)  # the confusion w.r.t. F only (D stays fixed there)
+                objectives["d"] = parts["d_main"] = 0.5 * (domain_bce(d_s, SOURCE_LABEL) + domain_bce(d_t, TARGET_LABEL))
+                objectives["conf"] = parts["adv_main"] = 0.5 * (confusion_loss(d_s) + confusion_loss(d_t))
+            if use_ca:
+                objectives["ca"] = parts["ca"] = ca_objective(logits_t, target_images.shape[-2:], ca_stats, args)
+            micro = objective_grads(objectives, {name: params[name] for name in objectives}, rt.scaler)
+            for name, gs in micro.items():
+                grads[name] = [a + b for a, b in zip(grads[name], gs)] if name in grads else list(gs)
+            for key, value in parts.items():
+                losses[key] = losses.get(key, 0.0) + value.detach() / args.grad_accum
+        grads = average_over_ranks({name: [g / args.grad_accum for g in gs] for name, gs in grads.items()}, rt)
+        step_objectives(optimizers, params, grads, rt.scaler)
+        rt.scaler.update()
+
+        # TRY NOT TO MODIFY: logging, evaluation, checkpoints
+        for k, v in losses.items():
+            running[k] = running.get(k, 0.0) + v.detach()
+        done = it + 1
+        if done % args.log_every == 0 or done % args.checkpoint_every == 0 or done == args.iters:
+            scalars = log.check_and_log(done, running, lr, args.batch_size, progress,
+                                        write=done % args.log_every == 0 or done == args.iters)
+            running = {} if scalars is not None else running
+        if args.eval_every and done % args.eval_every == 0 and done != args.iters:
+            log.log_eval(done, evaluate_model())
+        if done % args.checkpoint_every == 0 or done == args.iters:
+            checkpoint(done)
+
+    # TRY NOT TO MODIFY: final evaluation
+    summary = evaluate_model(final=True)
+    log.log_eval(args.iters, summary)
+    log.write_results(summary, args.iters)
+    log.close()
+    rt.close()
+
+
+if __name__ == "__main__":
+    guard(main)

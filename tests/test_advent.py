@@ -1,0 +1,231 @@
+"""advent.py: self-information and entropy on hand-made tensors, domain labels, which parameters each step may
+change, the SYNTHIA recipe, the two-checkpoint ensemble, and smoke runs of the script (quick preset on the toy
+domains at 64x128, 1-4 iterations, 2 eval images)."""
+import dataclasses
+import importlib
+import inspect
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+adv = importlib.import_module("advent")
+from common.cli import field_docs, parse_args  # noqa: E402
+
+TINY = ["--preset", "quick", "--eval-limit", "2", "--num-workers", "0", "--batch-size", "2", "--log-every", "1",
+        "--source-size", "64", "128", "--target-size", "64", "128", "--eval-size", "64", "128",
+        "--num-predictions", "1"]
+
+
+def run(*args, cmd=None, check=True, tiny=True):
+    cmd = cmd or [sys.executable, "advent.py"]
+    proc = subprocess.run([*cmd, *(TINY if tiny else []), *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------------------------------------------- units
+def test_entropy_normalisation():
+    for c in (2, 8, 19):
+        uniform = torch.full((2, c, 3, 5), 1.0 / c)
+        assert adv.entropy_loss(uniform).item() == pytest.approx(1.0, abs=1e-6)
+        one_hot = torch.zeros(2, c, 3, 5)
+        one_hot[:, 1] = 1.0
+        assert adv.entropy_loss(one_hot).item() == 0.0  # the 1e-30 keeps 0 * log 0 finite
+
+
+def test_self_information_values():
+    # one pixel, C = 4: P = (1/2, 1/4, 1/4, 0); -p log2 p = (1/2, 1/2, 1/2, 0); / log2(4) = 2
+    prob = torch.tensor([0.5, 0.25, 0.25, 0.0]).view(1, 4, 1, 1)
+    info = adv.self_information(prob)
+    assert info.shape == prob.shape  # per channel, not summed
+    assert torch.allclose(info.flatten(), torch.tensor([0.25, 0.25, 0.25, 0.0]))
+    # two pixels: the entropy is their mean of sum_c I_c: (0.75 + 1.0) / 2 with the second pixel uniform
+    two = torch.cat([prob, torch.full((1, 4, 1, 1), 0.25)], dim=3)
+    assert adv.entropy_loss(two).item() == pytest.approx(0.875)
+    assert torch.isfinite(adv.self_information(torch.zeros(1, 3, 2, 2))).all()
+
+
+def test_entropy_gradient_sharpens():
+    logits = torch.tensor([[[[1.0]], [[0.5]], [[0.0]]]], requires_grad=True)
+    adv.entropy_loss(adv.softmax_at(logits, (1, 1))).backward()
+    # descending the entropy raises the winning logit and lowers the losing one
+    assert logits.grad[0, 0].item() < 0 < logits.grad[0, 2].item()
+
+
+def test_domain_labels():
+    identity = torch.nn.Identity()  # a "D" whose logits are its input
+    source, target = torch.full((1, 1, 2, 2), 2.0), torch.full((1, 1, 2, 2), -1.0)
+    want_d = 0.5 * (math.log1p(math.exp(2.0)) + math.log1p(math.exp(1.0)))  # BCE(2, source 0), BCE(-1, target 1)
+    assert adv.discriminator_loss(identity, source, target).item() == pytest.approx(want_d, rel=1e-6)
+    assert adv.generator_loss(identity, target).item() == pytest.approx(math.log1p(math.exp(-1.0)), rel=1e-6)
+
+
+def test_discriminator_copied_from_adaptsegnet():
+    asn = importlib.import_module("adaptsegnet")
+    for name in ("FCDiscriminator", "gan_loss", "discriminator_loss", "generator_loss", "set_requires_grad",
+                 "softmax_at"):
+        assert inspect.getsource(getattr(asn, name)) == inspect.getsource(getattr(adv, name)), name
+    so = importlib.import_module("source_only")
+    for name in ("BasicBlock", "Bottleneck", "ASPP", "DeepLabV2", "load_init", "seg_loss", "poly_lr", "set_lr"):
+        assert inspect.getsource(getattr(so, name)) == inspect.getsource(getattr(adv, name)), name
+
+
+def snapshot(*nets):
+    return [p.detach().clone() for net in nets for p in net.parameters()]
+
+
+def changed(before, nets):
+    return [not torch.equal(a, p) for a, p in zip(before, [p for net in nets for p in net.parameters()])]
+
+
+def info_maps(model, x):
+    return {k: adv.self_information(adv.softmax_at(o, x.shape[-2:]))
+            for k, o in zip(("aux", "main"), model(x))}
+
+
+def test_update_rules():
+    torch.manual_seed(0)
+    model = adv.DeepLabV2("resnet18", 8, multi_level=True)
+    discs = {k: adv.FCDiscriminator(8, ndf=8) for k in ("aux", "main")}
+    opts = [torch.optim.SGD(model.param_groups(0.1, 10.0), lr=0.1, momentum=0.9, weight_decay=5e-4)]
+    opts += [torch.optim.Adam(d.parameters(), lr=1e-2, betas=(0.9, 0.99)) for d in discs.values()]
+    # segmenter's adversarial step: D frozen, so D gets no gradient and stepping every optimiser keeps it
+    d_before, m_before = snapshot(*discs.values()), snapshot(model)
+    target = info_maps(model, torch.randn(1, 3, 64, 64))
+    adv.set_requires_grad(discs.values(), False)
+    sum(w * adv.generator_loss(discs[k], target[k]) for k, w in (("aux", 2e-4), ("main", 1e-3))).backward()
+    adv.set_requires_grad(discs.values(), True)
+    assert all(p.grad is None for d in discs.values() for p in d.parameters())
+    for o in opts:
+        o.step()
+    assert not any(changed(d_before, discs.values())) and any(changed(m_before, [model]))
+    # discriminator step on detached maps: the segmenter gets no gradient
+    for o in opts:
+        o.zero_grad(set_to_none=True)
+    source, target = info_maps(model, torch.randn(1, 3, 64, 64)), info_maps(model, torch.randn(1, 3, 64, 64))
+    d_before, m_before = snapshot(*discs.values()), snapshot(model)
+    sum(adv.discriminator_loss(discs[k], source[k], target[k]) for k in discs).backward()
+    assert all(p.grad is None for p in model.parameters())
+    for o in opts:
+        o.step()
+    assert not any(changed(m_before, [model])) and all(changed(d_before, discs.values()))
+
+
+def parsed(*argv):
+    args = parse_args(adv.Args, adv.PRESETS, list(argv))
+    adv.apply_synthia_recipe(args)
+    return args
+
+
+def test_synthia_recipe():
+    gta = parsed()
+    assert (gta.iters, gta.poly_horizon, gta.synthia_classes, gta.mode) == (120000, 250000, 19, "advent")
+    syn = parsed("--source", "synthia")
+    assert (syn.iters, syn.poly_horizon, syn.synthia_classes) == (90000, 90000, 16)
+    assert parsed("--source", "synthia", "--iters", "5", "--synthia-classes", "19").iters == 5
+    assert parsed("--source", "synthia", "--synthia-classes", "19").synthia_classes == 19
+    quick = parsed("--source", "synthia", "--preset", "quick")  # the preset's schedule wins
+    assert (quick.iters, quick.poly_horizon, quick.synthia_classes) == (300, 300, 16)
+
+
+def test_every_field_has_help():
+    docs = field_docs(adv.Args)
+    for f in dataclasses.fields(adv.Args):
+        if not f.metadata.get("runtime"):
+            assert docs.get(f.name), f"{f.name} has no docstring"
+
+
+# ---------------------------------------------------------------------------------------------- smoke runs
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("advent") / "straight")
+    run("--iters", 4, "--out", out)
+    return out
+
+
+def test_smoke_run_folder(straight):
+    for name in ("config.json", "metrics.jsonl", "results.json", "checkpoints/last.pt"):
+        assert os.path.isfile(os.path.join(straight, name)), name
+    assert os.listdir(os.path.join(straight, "predictions"))
+    config = json.load(open(os.path.join(straight, "config.json")))
+    assert config["script"] == "advent" and set(config["params"]) == {"model", "disc_aux", "disc_main"}
+    rows = [r for r in metrics(straight) if "seg_src" in r]
+    assert {"seg_src", "seg_aux", "adv_aux", "adv_main", "d_aux", "d_main", "lr"} <= set(rows[-1])
+    assert json.load(open(os.path.join(straight, "results.json")))["iters"] == 4
+
+
+def test_resume_is_exact(straight, tmp_path):
+    out = str(tmp_path / "resumed")
+    run("--iters", 2, "--out", out)
+    run("--iters", 4, "--out", out, "--resume", "auto")
+    a = torch.load(os.path.join(straight, "checkpoints", "last.pt"), weights_only=True)
+    b = torch.load(os.path.join(out, "checkpoints", "last.pt"), weights_only=True)
+    for key in ("model", "disc_aux", "disc_main"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name}"
+
+
+@pytest.fixture(scope="module")
+def minent(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("minent") / "run")
+    run("--iters", 2, "--mode", "minent", "--out", out)
+    return out
+
+
+def test_minent_run(minent):
+    config = json.load(open(os.path.join(minent, "config.json")))
+    assert set(config["params"]) == {"model"}  # no discriminators
+    keys = set(metrics(minent)[0])
+    assert {"seg_src", "seg_aux", "ent", "ent_aux"} <= keys and not keys & {"adv_main", "d_main"}
+    ckpt = torch.load(os.path.join(minent, "checkpoints", "last.pt"), weights_only=True)
+    assert not [k for k in ckpt if k.startswith("disc")]
+
+
+def test_ensemble_eval(straight, minent, tmp_path):
+    a = os.path.join(straight, "checkpoints", "last.pt")
+    b = os.path.join(minent, "checkpoints", "last.pt")
+    single = json.load(open(os.path.join(straight, "results.json")))["miou"]
+    # a model averaged with itself is the model
+    run("--eval-only", "--weights", a, "--weights", a, "--out", str(tmp_path / "same"))
+    assert json.load(open(tmp_path / "same" / "results.json"))["miou"] == pytest.approx(single, abs=1e-9)
+    run("--eval-only", "--weights", a, "--weights", b, "--out", str(tmp_path / "pair"))
+    results = json.load(open(tmp_path / "pair" / "results.json"))
+    assert results["weights"] == [a, b] and 0 <= results["miou"] <= 100
+    bad = run("--eval-only", "--weights", a, "--weights", a, "--weights", a, "--out", str(tmp_path / "bad"),
+              check=False)
+    assert bad.returncode == 2 and "one --weights" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_refuses_other_scripts_checkpoint(tmp_path):
+    path = str(tmp_path / "other.pt")
+    torch.save({"script": "adaptsegnet", "num_classes": 8, "model": {}}, path)
+    proc = run("--eval-only", "--weights", path, "--out", str(tmp_path / "refused"), check=False)
+    assert proc.returncode == 2 and "adaptsegnet" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_dry_run(tmp_path):
+    run("--dry-run", "--out", str(tmp_path / "dry"))
+    params = json.load(open(tmp_path / "dry" / "config.json"))["params"]
+    assert set(params) == {"model", "disc_aux", "disc_main"}
+
+
+def test_torchrun_two_processes(tmp_path):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "advent.py"]
+    run("--iters", 2, "--out", out, cmd=cmd)
+    assert json.load(open(os.path.join(out, "config.json")))["args"]["world_size"] == 2
+    assert os.path.isfile(os.path.join(out, "results.json"))
