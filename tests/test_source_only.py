@@ -216,3 +216,17 @@ def test_seg_loss_ignores_255_and_is_zero_without_valid_pixels():
 def test_poly_schedule():
     assert source_only.poly_lr(2.5e-4, 0, 250000, 0.9) == 2.5e-4
     assert source_only.poly_lr(2.5e-4, 125000, 250000, 0.9) == pytest.approx(2.5e-4 * 0.5 ** 0.9)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet101"])
+def test_imagenet_init_maps_every_torchvision_tensor(backbone, monkeypatch):
+    """--init imagenet: torchvision's ResNet names and shapes fit the Caffe-style DeepLab-v2 (no download here)."""
+    import torchvision
+    reference = torchvision.models.get_model(backbone, weights=None)
+    monkeypatch.setattr(torchvision.models, "get_model", lambda name, weights=None: reference)
+    model = source_only.DeepLabV2(backbone, num_classes=3)
+    assert source_only.load_init(model, "imagenet", backbone) == "imagenet"
+    ref = reference.state_dict()
+    own = model.state_dict()
+    assert all(torch.equal(own[k], ref[k]) for k in own if "head" not in k)
+    assert {k for k in ref if not k.startswith("fc.")} == {k for k in own if "head" not in k}
