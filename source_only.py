@@ -127,8 +127,8 @@ class Args:
 
 PRESETS = {
     "paper": {},
-    "quick": dict(source="toy-synth", target="toy-real", backbone="resnet18", init="none", iters=300, batch_size=4,
-                  lr=0.01, eval_every=0, checkpoint_every=100, num_workers=1, log_every=10, poly_horizon=300,
+    "quick": dict(source="toy-synth", target="toy-real", backbone="resnet18", init="none", iters=400, batch_size=4,
+                  lr=0.0025, eval_every=0, checkpoint_every=100, num_workers=1, log_every=10, poly_horizon=400,
                   seed=0),
 }
 
