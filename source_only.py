@@ -129,7 +129,7 @@ PRESETS = {
     "paper": {},
     "quick": dict(source="toy-synth", target="toy-real", backbone="resnet18", init="none", iters=400, batch_size=4,
                   lr=0.0025, eval_every=0, checkpoint_every=100, num_workers=1, log_every=10, poly_horizon=400,
-                  seed=0),
+                  seed=0, source_size=[96, 192], target_size=[96, 192]),
 }
 
 
