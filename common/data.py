@@ -439,8 +439,10 @@ def _worker_init(worker_id):
 def train_loader(dataset, batch_size, seed, start_iter=0, rank=0, world=1, num_workers=4, pin_memory=False):
     """An endless iterator of batches, starting at iteration `start_iter` of the sampler's stream."""
     sampler = InfiniteSampler(len(dataset), seed, start_iter * batch_size, rank, world)
+    # an own generator: creating the iterator must not draw from the global RNG (exact resume with dropout)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                          pin_memory=pin_memory, drop_last=True, worker_init_fn=_worker_init,
+                                         generator=torch.Generator().manual_seed(seed),
                                          persistent_workers=num_workers > 0,
                                          prefetch_factor=4 if num_workers > 0 else None)
     return iter(loader)
@@ -450,7 +452,8 @@ def eval_loader(dataset, rank=0, world=1, num_workers=2, limit=None):
     """Batch 1 (images may differ in size); rank r scores images r, r+world, ... (no padding, no duplicates)."""
     indices = list(range(len(dataset) if limit is None else min(limit, len(dataset))))[rank::world]
     return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1,
-                                       num_workers=num_workers, worker_init_fn=_worker_init)
+                                       num_workers=num_workers, worker_init_fn=_worker_init,
+                                       generator=torch.Generator().manual_seed(0))  # leave the global RNG alone
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -221,3 +221,15 @@ def test_normalize_modes():
     assert torch.allclose(caffe[0, :, 0, 0], torch.tensor([128 - 104.00698793, 0 - 116.66876762,
                                                            255 - 122.67891434]), atol=1e-3)
     assert torch.allclose(normalize(x, "unit")[0, :, 0, 0], torch.tensor([1.0, 0.0, 128 / 255]))
+
+
+def test_loaders_leave_the_global_rng_alone(tmp_path):
+    """Creating loaders (at start, after resume, at each evaluation) must not shift dropout randomness."""
+    from common.data import eval_loader, train_loader
+    split = domain_split(make_folder(str(tmp_path / "rng")), "val")
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    next(train_loader(SegDataset(split, TrainTransform()), 1, seed=5, num_workers=0))
+    list(eval_loader(SegDataset(split, eval_size=(8, 8)), num_workers=0))
+    assert torch.equal(torch.rand(3), expected)
