@@ -51,7 +51,12 @@ Deviations from the third-party code (train_adv.py):
   means; weight decay is applied by the task optimiser to fc6/fc7/fc8 as the TF code's L2 terms.
 - No DDP wrapper: several backward passes over one forward are not supported by DDP, so each objective's
   gradients are averaged over the ranks with one all_reduce per step.
-- `--preset quick` (toy domains, CPU, from scratch): see PRESETS and benchmarks/fcn_wild.md.
+- `--preset quick` (toy domains, CPU): source_only.py's shared values (400 iterations, batch 4, seed 0,
+  poly 0.9 over 400, 96x192 frames) with `vgg16_small` trained from scratch (`--init none`) by Adam 3e-4
+  (1e-6 is meant for fine-tuning a trained front-end), no grad accumulation, the confusion ramp scaled to
+  the schedule (T = 0.6 x iters, as 1200 of 2000 micro-steps) and CA from iteration 133 (a random
+  network's prediction gives no usable presence labels). From scratch, GA collapses the fc7 features on
+  the toy pair (benchmarks/fcn_wild.md); the paper's protocol is source-only training, then `--init`.
 Docs: README.md, section "Methods"; benchmarks/fcn_wild.md.
 """
 import dataclasses
@@ -191,9 +196,10 @@ class Args:
 
 PRESETS = {
     "paper": {},
-    "quick": dict(source="toy-synth", target="toy-real", backbone="vgg16_small", init="none", iters=300, batch_size=4,
-                  lr=3e-4, eval_every=0, checkpoint_every=100, num_workers=1, log_every=10, poly_horizon=300,
-                  poly_power=0.9, seed=0, grad_accum=1, confusion_ramp_iters=180, ca_start=100),
+    "quick": dict(source="toy-synth", target="toy-real", backbone="vgg16_small", init="none", iters=400, batch_size=4,
+                  lr=3e-4, eval_every=0, checkpoint_every=100, num_workers=1, log_every=10, poly_horizon=400,
+                  seed=0, source_size=[96, 192], target_size=[96, 192],
+                  poly_power=0.9, grad_accum=1, confusion_ramp_iters=240, ca_start=133),
 }
 FCN_INPUT_SIZE = [256, 512]  # H W of every real dataset (third-party: 512x256, resize only)
 
@@ -404,7 +410,8 @@ def presence(logits_sub, alpha, factor=0.1):
     """(B, C) bool: class c is present if its argmax fraction > factor * alpha_c; the most frequent class of
     the prediction always counts as present (so P is defined even when every fraction is below its bar)."""
     num_classes = logits_sub.shape[1]
-    fraction = F.one_hot(logits_sub.argmax(1).flatten(1), num_classes).float().mean(1)
+    classes = torch.arange(num_classes, device=logits_sub.device).view(1, -1, 1)
+    fraction = (logits_sub.argmax(1).flatten(1)[:, None] == classes).float().mean(2)  # (one_hot syncs on CUDA)
     return (fraction > factor * alpha) | (fraction == fraction.max(1, keepdim=True).values)
 
 
@@ -463,7 +470,8 @@ def build_optimizers(model, disc, args):
     """One Adam per objective -> (params, optimizers), both keyed task / d / conf / ca. The lr multipliers
     sit in each group's lr_mult (set_lr), so each objective moves its parameters at its own rate."""
     params = {"task": [p for p in model.parameters()]}
-    optimizers = {"task": torch.optim.Adam(model.param_groups(args.lr, args.head_lr_mult, args.weight_decay), lr=args.lr)}
+    task_groups = model.param_groups(args.lr, args.head_lr_mult, args.weight_decay)
+    optimizers = {"task": torch.optim.Adam(task_groups, lr=args.lr)}
     if disc is not None:  # D on its loss (lr x10); the features F on the confusion loss (lr x ramp, set per step)
         params["d"], params["conf"] = list(disc.parameters()), model.feature_params()
         optimizers["d"] = torch.optim.Adam([{"params": params["d"], "lr_mult": args.d_lr_mult}], lr=args.lr)
@@ -595,6 +603,7 @@ def main():
                 **{f"optimizer_{name}": opt.state_dict() for name, opt in optimizers.items() if name != "task"}})
 
     # ALGO LOGIC: data
+    cpu_rng = torch.get_rng_state()  # loader set-up draws from it; restored below so dropout resumes exactly
     source_train = domain_split(args.source, "train", args.data_root, synthia_classes=args.synthia_classes)
     source_transform = TrainTransform(size=args.source_size or source_train.paper_size, crop=args.crop_size)
     per_rank_batch = args.batch_size // rt.world // args.grad_accum
@@ -612,7 +621,8 @@ def main():
         # cached next to a real dataset (if writable), in the run folder for the toy domains; always copied there
         cache = log.path("class_stats.json")
         if source_train.toy is None:
-            root = os.path.join(args.data_root, args.source) if args.source in ("gta", "synthia", "cityscapes") else args.source
+            builtin = args.source in ("gta", "synthia", "cityscapes")
+            root = os.path.join(args.data_root, args.source) if builtin else args.source
             if os.path.isdir(root) and os.access(root, os.W_OK):
                 cache = os.path.join(root, f"fcn_wild_class_stats-{num_classes}.json")
         if rt.is_main:
@@ -626,6 +636,7 @@ def main():
         ca_stats = {"alpha": alpha, "delta": torch.tensor(stats["delta"], device=rt.device),
                     "gamma": torch.tensor(stats["gamma"], device=rt.device),
                     "weight": torch.where(alpha > args.ca_large_alpha, args.ca_large_weight, 1.0)}
+    torch.set_rng_state(cpu_rng)
     train_model = model  # no DDP wrapper: gradients are averaged by average_over_ranks
 
     # TRY NOT TO MODIFY: training loop
@@ -659,7 +670,8 @@ def main():
             if args.global_alignment:
                 with rt.autocast():  # one D forward serves both: D's loss is differentiated w.r.t. D only,
                     d_s, d_t = disc(fc7_s), disc(fc7_t)  # the confusion w.r.t. F only (D stays fixed there)
-                objectives["d"] = parts["d_main"] = 0.5 * (domain_bce(d_s, SOURCE_LABEL) + domain_bce(d_t, TARGET_LABEL))
+                objectives["d"] = parts["d_main"] = 0.5 * (domain_bce(d_s, SOURCE_LABEL)
+                                                           + domain_bce(d_t, TARGET_LABEL))
                 objectives["conf"] = parts["adv_main"] = 0.5 * (confusion_loss(d_s) + confusion_loss(d_t))
             if use_ca:
                 objectives["ca"] = parts["ca"] = ca_objective(logits_t, target_images.shape[-2:], ca_stats, args)

@@ -30,7 +30,8 @@ def test_every_field_has_help_and_quick_mirrors_source_only():
     missing = [f.name for f in fw.dataclasses.fields(fw.Args) if not f.metadata.get("runtime") and f.name not in docs]
     assert not missing
     import source_only
-    for key in ("source", "target", "init", "iters", "batch_size", "seed", "poly_horizon", "checkpoint_every"):
+    for key in ("source", "target", "init", "iters", "batch_size", "seed", "poly_horizon", "checkpoint_every",
+                "source_size", "target_size"):
         assert fw.PRESETS["quick"][key] == source_only.PRESETS["quick"][key], key
 
 
@@ -114,7 +115,8 @@ def test_presence_from_the_argmax_fraction():
     alpha = torch.tensor([0.5, 2.0, 0.9])
     present = fw.presence(logits, alpha, factor=0.1)  # bars .05, .2, .09
     assert present.tolist() == [[True, False, True]]  # 0.2 is not > 0.2
-    assert fw.presence(logits, torch.tensor([100.0, 100.0, 100.0])).tolist() == [[True, False, False]]  # argmax-majority
+    # nothing above its bar: the most frequent predicted class still counts as present
+    assert fw.presence(logits, torch.tensor([100.0, 100.0, 100.0])).tolist() == [[True, False, False]]
 
 
 def test_constrained_projection_meets_the_constraints():
@@ -289,7 +291,7 @@ def test_source_only_mode_then_adaptation_from_its_checkpoint(tmp_path):
     assert bad.returncode == 2 and "has no 'disc'" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_dry_run_and_bad_input(tmp_path):
+def test_dry_run_folder_dataset_and_bad_input(tmp_path):
     out = tmp_path / "dry"
     result = run_script("fcn_wild.py", "--dry-run", "--init", "none", "--data-root", str(tmp_path / "none"),
                         "--out", str(out), "--device", "cpu", check=True)
@@ -298,6 +300,15 @@ def test_dry_run_and_bad_input(tmp_path):
     assert 5_000_000 < config["params"]["disc"]["trainable"] < 5_300_000  # 4096 -> 1024 -> 1024 -> 1
     assert config["args"]["source_size"] == [256, 512] and config["args"]["target_size"] == [256, 512]
     assert "dry run" in result.stdout and not (out / "results.json").exists()
+    # a folder dataset: the class-size statistics are cached next to it and copied into the run folder
+    from test_data import make_folder
+    folder = make_folder(str(tmp_path / "mine"), n=2, h=32, w=48)
+    run_script(*QUICK, "--source", folder, "--target", folder, "--iters", "1", "--batch-size", "2", "--out",
+               str(tmp_path / "f"), check=True)
+    cached = json.loads((tmp_path / "mine" / "fcn_wild_class_stats-3.json").read_text())
+    assert cached == json.loads((tmp_path / "f" / "class_stats.json").read_text())
+    assert cached["images"] == 2 and cached["delta"][1] == pytest.approx(31 / 32)  # row 0 is 255
+    assert cached["images_with_class"] == [0, 2, 0]
     bad = run_script(*QUICK, "--backbone", "vgg11", "--iters", "1", "--out", str(tmp_path / "b"))
     assert bad.returncode == 2 and "unknown backbone 'vgg11'" in bad.stderr and "Traceback" not in bad.stderr
     bad = run_script(*QUICK, "--batch-size", "3", "--grad-accum", "2", "--iters", "1", "--out", str(tmp_path / "c"))
