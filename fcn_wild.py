@@ -603,7 +603,6 @@ def main():
                 **{f"optimizer_{name}": opt.state_dict() for name, opt in optimizers.items() if name != "task"}})
 
     # ALGO LOGIC: data
-    cpu_rng = torch.get_rng_state()  # loader set-up draws from it; restored below so dropout resumes exactly
     source_train = domain_split(args.source, "train", args.data_root, synthia_classes=args.synthia_classes)
     source_transform = TrainTransform(size=args.source_size or source_train.paper_size, crop=args.crop_size)
     per_rank_batch = args.batch_size // rt.world // args.grad_accum
@@ -636,7 +635,6 @@ def main():
         ca_stats = {"alpha": alpha, "delta": torch.tensor(stats["delta"], device=rt.device),
                     "gamma": torch.tensor(stats["gamma"], device=rt.device),
                     "weight": torch.where(alpha > args.ca_large_alpha, args.ca_large_weight, 1.0)}
-    torch.set_rng_state(cpu_rng)
     train_model = model  # no DDP wrapper: gradients are averaged by average_over_ranks
 
     # TRY NOT TO MODIFY: training loop

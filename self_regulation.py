@@ -181,9 +181,9 @@ class Args:
 
 PRESETS = {
     "paper": {},
-    "quick": dict(source="toy-synth", target="toy-real", backbone="resnet18", init="none", iters=300, batch_size=4,
-                  lr=0.01, eval_every=0, checkpoint_every=100, num_workers=1, log_every=10, poly_horizon=300,
-                  seed=0, sr_start_iter=-1, exit_channels=64),
+    "quick": dict(source="toy-synth", target="toy-real", backbone="resnet18", init="none", iters=400, batch_size=4,
+                  lr=0.0025, eval_every=0, checkpoint_every=100, num_workers=1, log_every=10, poly_horizon=400,
+                  seed=0, source_size=[96, 192], target_size=[96, 192], sr_start_iter=-1, exit_channels=64),
 }
 
 
@@ -358,7 +358,7 @@ class SideExit(nn.Module):
 
     def forward(self, features):
         seg = self.body(features)
-        return seg, self.classify(seg.mean((2, 3)))
+        return seg, self.classify(seg.float().mean((2, 3)))  # GAP in fp32 under AMP
 
 
 class ExitHeads(nn.Module):
@@ -390,7 +390,7 @@ class MultiExit(nn.Module):
         f3 = m.layer3(f2)
         aux = m.aux_head(f3) if m.aux_head is not None else None
         main = m.head(m.layer4(f3))
-        segs, cls = [main], [self.heads.main_classify(main.mean((2, 3)))]
+        segs, cls = [main], [self.heads.main_classify(main.float().mean((2, 3)))]
         for side_exit, features in zip(self.heads.exits, (stem, f1, f2, f3)):
             seg, logits = side_exit(features)
             segs.append(seg)
