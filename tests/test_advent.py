@@ -16,7 +16,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 adv = importlib.import_module("advent")
-from common.cli import field_docs, parse_args  # noqa: E402
+from common.cli import field_docs  # noqa: E402
 
 TINY = ["--preset", "quick", "--eval-limit", "2", "--num-workers", "0", "--batch-size", "2", "--log-every", "1",
         "--source-size", "64", "128", "--target-size", "64", "128", "--eval-size", "64", "128",
@@ -126,9 +126,7 @@ def test_update_rules():
 
 
 def parsed(*argv):
-    args = parse_args(adv.Args, adv.PRESETS, list(argv))
-    adv.apply_synthia_recipe(args)
-    return args
+    return adv.parse_advent_args(list(argv))
 
 
 def test_synthia_recipe():
