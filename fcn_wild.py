@@ -73,7 +73,7 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
-from common.checkpoint import load_checkpoint, resume_path, rng_state, save_checkpoint, set_rng_state
+from common.checkpoint import load_checkpoint, load_weights, resume_path, rng_state, save_checkpoint, set_rng_state
 from common.cli import UserError, guard, parse_args
 from common.data import SegDataset, TrainTransform, class_setup, domain_split, normalize, train_loader
 from common.metrics import evaluate_target
@@ -555,7 +555,7 @@ def main():
         if args.eval_only and len(args.weights) != 1:
             raise UserError("--eval-only needs exactly one --weights PATH")
         ckpt = load_checkpoint(args.weights[0] if args.eval_only else ckpt_path, SCRIPT, num_classes)
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt["model"])
         norm, start_iter = ckpt["normalization"], ckpt["iter"]
         if not args.eval_only:
             optimizer.load_state_dict(ckpt["optimizer"])

@@ -77,6 +77,16 @@ def load_checkpoint(path, script=None, num_classes=None) -> dict:
     return ckpt
 
 
+def load_weights(module, state: dict):
+    """load_state_dict, with a one-line error when the checkpoint was trained with other network flags."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:240]
+        raise UserError(f"the checkpoint's weights do not fit the network these flags build ({detail}); "
+                        f"pass the flags it was trained with") from None
+
+
 def resume_path(resume, out_dir):
     """`--resume auto`: the run folder's last.pt if it exists (else start fresh); a path: that file."""
     if resume is None:

@@ -103,6 +103,11 @@ def test_foreign_checkpoints_are_refused(tmp_path):
     torch.save({"script": "source_only", "num_classes": 19, "model": {}}, classes)
     assert_one_line_error(run_script(*QUICK, "--eval-only", "--weights", str(classes), "--out", str(tmp_path / "b")),
                           "19 classes, this run has 8")
+    multi = tmp_path / "multi.pt"  # trained with --multi-level, evaluated without it
+    torch.save({"script": "source_only", "num_classes": 8, "iter": 1, "normalization": "imagenet",
+                "model": source_only.DeepLabV2("resnet18", 8, multi_level=True).state_dict()}, multi)
+    assert_one_line_error(run_script(*QUICK, "--eval-only", "--weights", str(multi), "--out", str(tmp_path / "m")),
+                          "do not fit the network these flags build", "aux_head")
     pickled = tmp_path / "pickled.pt"
     torch.save({"script": "source_only", "obj": UserError("x")}, pickled)  # needs unpickling of an object
     assert_one_line_error(run_script(*QUICK, "--eval-only", "--weights", str(pickled), "--out", str(tmp_path / "c")),
