@@ -33,7 +33,11 @@ Deviations from the official code (all deliberate):
 - Toy/other class lists: FD thing classes are chosen by name (Cityscapes things; person and car in the toy
   domains; pole excluded as in the paper).
 - `--batch-size` is the global batch (as many target as source images); under torchrun it is split.
-Docs: README.md, section "Methods".
+- `--preset quick` (CPU, toy pair): timm pvt_v2_b0 (MLP ratios 8/8/4/4, so not MiT-B0), random init (the FD
+  "ImageNet" encoder is then the initial encoder), decoder width 64, 128x128 crops, 150 iterations of 2+2,
+  AdamW 1e-3, warm-up 6, EMA alpha 0.99 (DACS's value; 0.999 averages over more iterations than the run has).
+- `--source-only` trains the same network on the source alone (the fair baseline); RCS, FD, warm-up stay as set.
+Docs: README.md, section "Methods"; toy benchmark: benchmarks/daformer.md.
 """
 import copy
 import dataclasses
@@ -54,7 +58,7 @@ from timm.layers import DropPath
 from timm.models.pvt_v2 import checkpoint_filter_fn
 from tqdm import tqdm
 
-from common.checkpoint import load_checkpoint, resume_path, rng_state, save_checkpoint, set_rng_state
+from common.checkpoint import load_checkpoint, load_weights, resume_path, rng_state, save_checkpoint, set_rng_state
 from common.cli import UserError, guard, parse_args
 from common.data import SegDataset, TrainTransform, _worker_init, class_setup, domain_split, normalize, train_loader
 from common.metrics import evaluate_target
@@ -194,9 +198,9 @@ class Args:
 
 PRESETS = {
     "paper": {},
-    "quick": dict(source="toy-synth", target="toy-real", backbone="pvt_v2_b0", init="none", iters=300, batch_size=4,
-                  lr=5e-4, eval_every=0, checkpoint_every=100, num_workers=1, log_every=10, poly_horizon=300,
-                  seed=0, crop_size=[128, 128], warmup_iters=12, ema_alpha=0.99, decoder_dim=128),
+    "quick": dict(source="toy-synth", target="toy-real", backbone="pvt_v2_b0", init="none", iters=150, batch_size=2,
+                  lr=1e-3, eval_every=0, checkpoint_every=50, num_workers=1, log_every=10, poly_horizon=150,
+                  seed=0, crop_size=[128, 128], warmup_iters=6, ema_alpha=0.99, decoder_dim=64),
 }
 # the paper's thing classes (Cityscapes train ids 6, 7, 11-18; pole is excluded) by name
 THING_CLASSES = ("traffic light", "traffic sign", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
@@ -656,7 +660,7 @@ def main():
         if args.eval_only and len(args.weights) != 1:
             raise UserError("--eval-only needs exactly one --weights PATH")
         ckpt = load_checkpoint(args.weights[0] if args.eval_only else ckpt_path, SCRIPT, num_classes)
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt["model"])
         norm, start_iter = ckpt["normalization"], ckpt["iter"]
         if not args.eval_only:
             for name in networks.keys() - {"model"}:
@@ -676,6 +680,9 @@ def main():
     target_val = domain_split(args.target, "val", args.data_root)
     eval_size = args.eval_size or args.target_size or target_val.paper_size
 
+    def upsample(logits, images):  # mmseg: logits to the input size first, then to the label size
+        return F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
+
     def evaluate_model(final=False):
         model.eval()
         with torch.no_grad(), rt.autocast():
@@ -686,9 +693,6 @@ def main():
                                       synthia_protocols=args.source == "synthia" and len(eval_classes) == 19)
         model.train()
         return summary
-
-    def upsample(logits, images):  # mmseg: logits to the input size first, then to the label size
-        return F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
 
     if args.eval_only:
         summary = evaluate_model(final=True)
@@ -744,12 +748,6 @@ def main():
         teacher_forward = torch.compile(teacher_forward) if teacher_forward is not None else None
     crop_h = crop[0] if crop else (args.target_size or target_train.paper_size or target_train.load(0, False)[0].shape)[0]
     pseudo_crop = [round(r * crop_h / 512) for r in args.pseudo_crop]  # the paper's rows are for 512-row crops
-    mean = torch.tensor([0.485, 0.456, 0.406], device=rt.device).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], device=rt.device).view(1, 3, 1, 1)
-
-    def to_input_unit(x):  # [0, 1] RGB (the mixed and augmented images) -> normalised model input
-        x = (x - mean) / std
-        return x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x
 
     # TRY NOT TO MODIFY: training loop
     running = {}
@@ -796,7 +794,7 @@ def main():
                 mixed_labels = torch.where(mix, labels, pseudo)
                 mixed_weight = torch.where(mix, torch.ones_like(pseudo_weight), pseudo_weight)
             with rt.autocast():
-                _, mixed_logits = train_model(to_input_unit(mixed))
+                _, mixed_logits = train_model(to_input(mixed * 255))  # [0, 1] -> normalised
             losses["mix"] = weighted_ce(mixed_logits, mixed_labels, mixed_weight)
             rt.scaler.scale(losses["mix"]).backward()
             losses["pseudo_weight"] = q

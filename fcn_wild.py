@@ -536,7 +536,7 @@ def main():
         if getattr(args, key) is None and domain in ("gta", "synthia", "cityscapes"):
             setattr(args, key, list(FCN_INPUT_SIZE))  # the third-party 512x256 (eval_size follows target_size)
     model = VGG16FrontEnd(args.backbone, num_classes)
-    norm = load_init(model, args.init, args.backbone) if not (ckpt_path or args.eval_only) else None
+    norm = load_init(model, args.init, args.backbone) if not (ckpt_path or args.eval_only or args.dry_run) else None
     model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
     disc = build_disc(args.backbone, rt.device) if args.global_alignment else None
     params, optimizers = build_optimizers(model, disc, args)

@@ -306,7 +306,7 @@ def main():
 
     # ALGO LOGIC: networks and optimisers
     model = DeepLabV2(args.backbone, num_classes, args.multi_level, args.aspp_branches, args.bn_mode)
-    norm = load_init(model, args.init, args.backbone) if not (ckpt_path or args.eval_only) else None
+    norm = load_init(model, args.init, args.backbone) if not (ckpt_path or args.eval_only or args.dry_run) else None
     model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
     optimizer = torch.optim.SGD(model.param_groups(args.lr, args.head_lr_mult), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)

@@ -339,7 +339,7 @@ def resize_pair(image, label, size, keep_ratio=False):
 def random_crop(image, label, crop, rng, cat_max_ratio=1.0, ignore=255):
     """Random crop (pads with 0 / ignore when smaller). cat_max_ratio < 1: re-draw up to 10 times until no
     class covers more than that share of the crop (mmseg's RandomCrop, used by DAFormer's source crops)."""
-    ch, cw = crop
+    ch, cw = (crop[0], crop[0]) if len(crop) == 1 else crop  # `--crop-size 512` means 512x512
     h, w = image.shape[:2]
     if h < ch or w < cw:
         ph, pw = max(ch - h, 0), max(cw - w, 0)

@@ -180,6 +180,7 @@ def test_train_transform_resize_crop_flip_keep_labels_aligned():
 
 def test_random_crop_pads_with_ignore_and_cat_max_ratio():
     image, label = np.ones((4, 4, 3), np.uint8), np.zeros((4, 4), np.uint8)
+    assert random_crop(np.ones((9, 9, 3), np.uint8), None, [5], np.random.default_rng(0))[0].shape == (5, 5, 3)
     img, lab = random_crop(image, label, (6, 6), np.random.default_rng(0))
     assert img.shape == (6, 6, 3) and (lab == 255).sum() == 36 - 16
     label = np.zeros((20, 20), np.uint8)
