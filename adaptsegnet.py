@@ -27,11 +27,13 @@ Deviations from the official code:
   backward after each half: same gradients). The generator term goes through the unwrapped
   discriminators with requires_grad off, so DDP hooks never see it (style.md section 8).
 - Data loaders are seeded (the official one is not, maintainer #19); `--crop-size` crops source and target.
-- `--preset quick` (toy domains, CPU, a few hundred iterations from random init) uses 100x the paper's
-  adversarial weights (lambda_adv 0.1 main / 0.02 aux). Measured on the toy pair: with the paper's 0.001 the
-  adversarial gradient on the segmenter is ~1e-3 of the segmentation gradient, an effect that needs the
-  paper's 150k iterations to accumulate and is invisible in 100-300; 100x brings it to ~10%
-  (benchmarks/adaptsegnet.md). `--preset paper` keeps the paper's weights.
+- `--preset quick` = source_only.py's quick preset (toy domains, resnet18 from random init, 400 iterations,
+  batch 4, lr 0.0025, poly horizon 400, 96x192 frames) plus 10x the paper's adversarial weights
+  (lambda_adv 0.01 main / 0.002 aux, the paper's 5:1 ratio; D keeps Adam 1e-4). Measured on the toy pair
+  (benchmarks/adaptsegnet.md, loss scale): once D has trained 30-60 steps, the generator term's gradient on
+  the segmenter is 17-47 against a segmentation gradient of 1.5-3.4, so the paper's 0.001 gives ~0.5-2.5%
+  of the segmentation gradient (it needs the paper's 150k iterations), 100x would give 50-240% (it would
+  swamp the source loss), 10x gives ~5-25%. `--preset paper` keeps the paper's weights.
 Docs: README.md, section "Methods"; benchmarks/adaptsegnet.md.
 """
 import contextlib
@@ -156,11 +158,11 @@ class Args:
 
 PRESETS = {
     "paper": {},
-    "quick": dict(source="toy-synth", target="toy-real", backbone="resnet18", init="none", iters=300, batch_size=4,
-                  lr=0.01, eval_every=0, checkpoint_every=100, num_workers=1, log_every=10, poly_horizon=300,
-                  seed=0,
-                  # method-specific: 100x the paper's weights (header; benchmarks/adaptsegnet.md: loss scale)
-                  lambda_adv_main=0.1, lambda_adv_aux=0.02),
+    "quick": dict(source="toy-synth", target="toy-real", backbone="resnet18", init="none", iters=400, batch_size=4,
+                  lr=0.0025, eval_every=0, checkpoint_every=100, num_workers=1, log_every=10, poly_horizon=400,
+                  seed=0, source_size=[96, 192], target_size=[96, 192],
+                  # method-specific: 10x the paper's weights (header; benchmarks/adaptsegnet.md: loss scale)
+                  lambda_adv_main=0.01, lambda_adv_aux=0.002),
 }
 
 

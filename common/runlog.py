@@ -81,6 +81,8 @@ class RunLog:
             return
         row = {"iter": iteration, **{k: float(v) for k, v in scalars.items()},
                "seconds": round(time.time() - self.start, 3)}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # peak GPU memory so far (throughput.py)
+            row["mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         with open(self.path("metrics.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:

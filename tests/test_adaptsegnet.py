@@ -131,6 +131,16 @@ def test_discriminator_step_leaves_segmenter_untouched():
     assert all(changed(d_before, discs.values()))
 
 
+def test_quick_preset_is_source_only_plus_lambdas():
+    so = importlib.import_module("source_only")
+    quick = dict(asn.PRESETS["quick"])
+    method = {k: quick.pop(k) for k in ("lambda_adv_main", "lambda_adv_aux")}
+    assert quick == so.PRESETS["quick"]  # same toy benchmark budget as the baseline it is compared with
+    assert method == {"lambda_adv_main": 0.01, "lambda_adv_aux": 0.002}  # 10x the paper's (header)
+    paper = asn.parse_args(asn.Args, asn.PRESETS, [])
+    assert (paper.lambda_adv_main, paper.lambda_adv_aux, paper.multi_level) == (0.001, 0.0002, True)
+
+
 def test_every_field_has_help():
     docs = field_docs(asn.Args)
     for f in dataclasses.fields(asn.Args):

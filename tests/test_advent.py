@@ -137,7 +137,18 @@ def test_synthia_recipe():
     assert parsed("--source", "synthia", "--iters", "5", "--synthia-classes", "19").iters == 5
     assert parsed("--source", "synthia", "--synthia-classes", "19").synthia_classes == 19
     quick = parsed("--source", "synthia", "--preset", "quick")  # the preset's schedule wins
-    assert (quick.iters, quick.poly_horizon, quick.synthia_classes) == (300, 300, 16)
+    assert (quick.iters, quick.poly_horizon, quick.synthia_classes) == (400, 400, 16)
+
+
+def test_quick_preset_is_source_only_plus_lambdas():
+    so = importlib.import_module("source_only")
+    quick = dict(adv.PRESETS["quick"])
+    method = {k: quick.pop(k) for k in ("lambda_adv_main", "lambda_adv_aux", "lambda_ent_main", "lambda_ent_aux")}
+    assert quick == so.PRESETS["quick"]  # same toy benchmark budget as the baseline it is compared with
+    assert method == {"lambda_adv_main": 0.01, "lambda_adv_aux": 0.002, "lambda_ent_main": 0.1, "lambda_ent_aux": 0.02}
+    paper = parsed()  # the paper preset keeps the paper's weights
+    assert (paper.lambda_adv_main, paper.lambda_adv_aux, paper.lambda_ent_main, paper.lambda_ent_aux) == (
+        0.001, 0.0002, 0.001, 0.0002)
 
 
 def test_every_field_has_help():

@@ -17,7 +17,7 @@ from common.cli import UserError, field_docs
 from conftest import ROOT, run_script
 
 QUICK = ["fcn_wild.py", "--preset", "quick", "--eval-limit", "2", "--num-workers", "0", "--log-every", "2",
-         "--stats-images", "16", "--ca-start", "0"]
+         "--stats-images", "16", "--adapt-start", "0"]
 
 
 def small_args(**overrides):
@@ -228,6 +228,18 @@ def test_each_optimiser_moves_only_its_parameters():
     assert all(p.grad is None for p in disc.parameters())
 
 
+def test_objective_lrs_source_phase_then_adaptation_at_its_own_rate():
+    args = small_args(adapt_start=10, adapt_lr_mult=0.1, confusion_ramp_iters=100)
+    before = fw.objective_lrs(1e-3, 9, args)  # source-only phase: only the task objective has a step size
+    assert before["task"] == 1e-3 and before["conf"] == 0.0
+    at_start = fw.objective_lrs(1e-3, 10, args)  # the ramp counts from adapt_start, so it starts at 0
+    assert at_start["d"] == pytest.approx(1e-4) and at_start["ca"] == pytest.approx(1e-4) and at_start["conf"] == 0.0
+    later = fw.objective_lrs(1e-3, 20, args)
+    assert later["conf"] == pytest.approx(1e-4 * (2 / (1 + math.exp(-1)) - 1)) and later["task"] == 1e-3
+    paper = fw.objective_lrs(1e-6, 1200, fw.Args())  # third-party: all at 1e-6, ramp over 600 updates
+    assert paper["d"] == paper["ca"] == 1e-6 and paper["conf"] == pytest.approx(1e-6 * (2 / (1 + math.exp(-20)) - 1))
+
+
 def test_average_over_ranks_is_identity_single_process():
     rt = types.SimpleNamespace(distributed=False)
     grads = {"a": [torch.ones(2)]}
@@ -240,14 +252,21 @@ def weights(out):
     return torch.load(os.path.join(out, "checkpoints", "last.pt"), weights_only=True)
 
 
-def test_quick_run_resume_and_eval_only(tmp_path):
-    straight = tmp_path / "straight"
-    run_script(*QUICK, "--iters", "4", "--out", str(straight), check=True)
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """4 iterations: 2 source-only (--adapt-start 2), then 2 with GA + CA; reused by several tests."""
+    out = tmp_path_factory.mktemp("fcn_wild") / "straight"
+    run_script(*QUICK, "--iters", "4", "--adapt-start", "2", "--out", str(out), check=True)
+    return out
+
+
+def test_quick_run_resume_and_eval_only(straight, tmp_path):
     config = json.loads((straight / "config.json").read_text())
     assert config["script"] == "fcn_wild" and set(config["params"]) == {"model", "disc"}
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "seg_src" in r]
-    assert [r["iter"] for r in train] == [2, 4] and all({"d_main", "adv_main", "ca", "lr"} <= set(r) for r in train)
+    assert [r["iter"] for r in train] == [2, 4] and {"d_main", "adv_main", "ca", "lr"} <= set(train[1])
+    assert "d_main" not in train[0] and "ca" not in train[0]  # iterations 1-2: the source-only phase
     stats = json.loads((straight / "class_stats.json").read_text())
     assert stats["images"] == 16 and len(stats["alpha"]) == 8
     results = json.loads((straight / "results.json").read_text())
@@ -257,10 +276,11 @@ def test_quick_run_resume_and_eval_only(tmp_path):
     assert ckpt["script"] == "fcn_wild" and ckpt["iter"] == 4
     assert {"disc", "optimizer_d", "optimizer_conf", "optimizer_ca", "optimizer"} <= set(ckpt)
 
-    # 2 iterations, then --resume auto to 4: the same weights as the straight run
+    # 3 iterations, then --resume auto to 4 (the target stream resumes 1 batch into the adaptation): the
+    # straight run's weights
     resumed = tmp_path / "resumed"
-    run_script(*QUICK, "--iters", "2", "--out", str(resumed), check=True)
-    run_script(*QUICK, "--iters", "4", "--resume", "auto", "--out", str(resumed), check=True)
+    run_script(*QUICK, "--iters", "3", "--adapt-start", "2", "--out", str(resumed), check=True)
+    run_script(*QUICK, "--iters", "4", "--adapt-start", "2", "--resume", "auto", "--out", str(resumed), check=True)
     a, b = ckpt, weights(resumed)
     assert b["iter"] == 4
     for key in ("model", "disc"):
@@ -272,13 +292,16 @@ def test_quick_run_resume_and_eval_only(tmp_path):
     assert json.loads((evaluated / "results.json").read_text())["miou"] == pytest.approx(results["miou"])
 
 
-def test_source_only_mode_then_adaptation_from_its_checkpoint(tmp_path):
+def test_source_only_mode_then_adaptation_from_its_checkpoint(straight, tmp_path):
     source = tmp_path / "source"
     run_script(*QUICK, "--iters", "2", "--no-global", "--no-category", "--out", str(source), check=True)
     ckpt = weights(source)
     assert "disc" not in ckpt and "optimizer_ca" not in ckpt
     rows = [json.loads(line) for line in (source / "metrics.jsonl").read_text().splitlines() if "seg_src" in line]
     assert set(rows[0]) >= {"seg_src"} and "d_main" not in rows[0] and "ca" not in rows[0]
+    # the method's source-only phase is exactly this run (building D and the statistics leaves the RNG alone)
+    phase = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()][0]
+    assert phase["iter"] == 2 and phase["seg_src"] == rows[0]["seg_src"]
     adapted = tmp_path / "adapted"
     result = run_script(*QUICK, "--iters", "1", "--no-category", "--init", str(source / "checkpoints" / "last.pt"),
                         "--out", str(adapted), check=True)
@@ -291,7 +314,7 @@ def test_source_only_mode_then_adaptation_from_its_checkpoint(tmp_path):
     assert bad.returncode == 2 and "has no 'disc'" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_dry_run_folder_dataset_and_bad_input(tmp_path):
+def test_dry_run_and_folder_dataset(tmp_path):
     out = tmp_path / "dry"
     result = run_script("fcn_wild.py", "--dry-run", "--init", "none", "--data-root", str(tmp_path / "none"),
                         "--out", str(out), "--device", "cpu", check=True)
@@ -309,10 +332,16 @@ def test_dry_run_folder_dataset_and_bad_input(tmp_path):
     assert cached == json.loads((tmp_path / "f" / "class_stats.json").read_text())
     assert cached["images"] == 2 and cached["delta"][1] == pytest.approx(31 / 32)  # row 0 is 255
     assert cached["images_with_class"] == [0, 2, 0]
-    bad = run_script(*QUICK, "--backbone", "vgg11", "--iters", "1", "--out", str(tmp_path / "b"))
-    assert bad.returncode == 2 and "unknown backbone 'vgg11'" in bad.stderr and "Traceback" not in bad.stderr
-    bad = run_script(*QUICK, "--batch-size", "3", "--grad-accum", "2", "--iters", "1", "--out", str(tmp_path / "c"))
-    assert bad.returncode == 2 and "--grad-accum" in bad.stderr
+
+
+@pytest.mark.parametrize("flags, message", [(["--batch-size", "3", "--grad-accum", "2"], "--grad-accum"),
+                                            (["--adapt-start", "-1"], "--adapt-start -1"),
+                                            (["--backbone", "vgg11"], "unknown backbone 'vgg11'")])
+def test_bad_method_flags_are_user_errors(flags, message, tmp_path, monkeypatch):
+    # raised before any data is read, so in-process (guard turns a UserError into one line, tested in common)
+    monkeypatch.setattr(sys, "argv", [*QUICK, *flags, "--iters", "1", "--device", "cpu", "--out", str(tmp_path)])
+    with pytest.raises(UserError, match=message):
+        fw.main()
 
 
 def test_torchrun_two_processes_on_cpu(tmp_path):

@@ -1,0 +1,1126 @@
+"""ProDA: prototypical pseudo-label denoising and target structure learning, all stages from one script.
+
+Zhang et al., "Prototypical Pseudo Label Denoising and Target Structure Learning for Domain Adaptive
+Semantic Segmentation", CVPR 2021, https://arxiv.org/abs/2101.10979, official code
+https://github.com/microsoft/ProDA (`models/adaptation_modelv2.py`, `models/deeplabv2.py`, `calc_prototype.py`).
+Pipeline (`--stage warmup|stage1|stage2|stage3|all`; each stage writes <out>/<stage>/ and is resumable):
+  warm-up: source CE + lambda_adv 0.01 LS-GAN on the target softmax (output space), frozen BN, SGD 2.5e-4
+    (head x10), D Adam 1e-4 betas (0.9, 0.99); or `--warmup-checkpoint PATH`.
+  prep a+b: the warm-up softmax of every target train frame at stride 8 (float16 memmap, <out>/stage1/pseudo/)
+    and the class prototypes: image-weighted mean 256-d warm-up features per warm-up argmax class.
+  stage 1 (4+4 per step, trainable BN, SGD 1e-4 for all): an EMA model (0.999, train mode, buffers copied) sees
+    the full target frame; its features (upsampled to 1/4) are warped to the weak view, omega_k =
+    softmax(-||f - eta_k|| / tau), pseudo-label = argmax_k(omega_k p0_k) (no cut-off). Loss = source CE +
+    SCE(weak, 0.1 CE + 1.0 RCE) + 10 KL(z_T || z_S) (prototype assignments, EMA weak view warped to the strong
+    view vs student strong view; padding and cut-out masked) + 0.1 mean(-log p). Then prototypes
+    eta <- 0.9999 eta + 0.0001 mean feature per (image, EMA-argmax class with >= 10 px), and the EMA update.
+  prep c: hard labels of the previous stage's model with flip TTA, uint8 labels + float16 confidences at 1/4
+    of the frame (<out>/stage2|3/pseudo/); confidence <= 0.95 -> ignore when read.
+  stages 2/3: source CE + CE(strong view, warped hard labels) + 1.0 KD(frozen eval-mode teacher, same strong
+    image), SGD 6e-4 (head x10); stage 2 starts from `--student-init`, stage 3 from stage 2's weights.
+Views: frame scaled by U(0.537, 1.611) (= width U(0.5, 1.5) x 2200 of a 2048-wide frame), crop 512x896, flip;
+strong = weak + flip + 2 RandAugment ops (p 0.5, magnitude 1-9) + always-on Cutout min(H, W)/3 gray 127.
+All target losses at 1/4 of the crop. Network: the shared DeepLab-v2 backbone + ProDA's SE/GroupNorm head
+(ProDANet); eval at full 2048x1024 (`--preset paper`).
+Reported (paper, GTA5->Cityscapes, mIoU): warm-up 41.6, stage 1 53.7, stage 2 56.9, stage 3 57.5;
+SYNTHIA->Cityscapes (16 classes): stage 1 51.9, stage 2 54.6, stage 3 55.5 (62.0 on 13).
+Those numbers come from the official code, i.e. the buggy KD (`--kd-legacy`); the default here is the
+correct KL(p_teacher || p_student) summed over classes and averaged over pixels.
+
+Deviations from the official code:
+- Warm-up discriminator: the repository's output-space FCDisc (adaptsegnet.py, five 4x4 convs) instead of
+  ProDA's four 3x3 stride-2 convs + 1x1; LS-GAN (`--gan ls`) and the weights are ProDA's.
+- Normalisation: as the init expects (torchvision ImageNet mean/std); ProDA feeds RGB/255 without mean/std.
+- BN: trainable BN in stages 1-3 is SyncBN only on CUDA under torchrun; on CPU/gloo each rank keeps its own
+  batch statistics (ProDA: SyncBN, one image per GPU). Warm-up keeps the shared frozen-affine BN.
+- Prototype updates: ProDA updates sequentially per (image, class); here the n image means of a step, summed
+  over ranks, update in closed form (1-m)^n eta + (1-(1-m)^n) mean (exact for n = 1; the same on all ranks).
+  Prototype init is one pass of image-weighted means (ProDA: a running mean with count cap 3000 over
+  4 passes, the same value while a class has < 3000 images).
+- Stored hard labels are at 1/4 of the target frame (ProDA: full 2048x1024, downsampled to 1/4 of the crop
+  when used); soft labels at stride 8 as ProDA. Both are memory-mapped .npy files, written with a progress bar.
+- RandAugment uses photometric ops only (no shear/rotate/translate), so only flip and Cutout are warped.
+- Stage 2 starts from `--student-init init` (the --init weights; paper: SimCLRv2 R101 + bn_clr, not
+  supported: give a converted file as PATH without bn_clr). `--preset quick` uses `teacher` (stage-1 weights),
+  since a random-init student cannot learn anything in 80 CPU iterations, and so a stage-2/3 lr of 5e-4
+  (2.5e-3, the warm-up's, wrecked the teacher-initialised student: benchmarks/proda.md).
+- Source frames get the same scale/crop/flip as the weak target view, relative to --source-size (ProDA
+  rescales the native GTA5 frames).
+- `--iters` is the length of each adaptation stage (paper ~62.4k), `--warmup-iters` the warm-up's;
+  `--batch-size` is the global batch, split over torchrun processes.
+Docs: README.md, section "Methods"; benchmarks/proda.md.
+"""
+import copy
+import dataclasses
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image, ImageEnhance, ImageOps
+from tqdm import tqdm
+
+from common.checkpoint import load_checkpoint, load_weights, resume_path, rng_state, save_checkpoint, set_rng_state
+from common.cli import UserError, guard, parse_args
+from common.data import (SegDataset, TrainTransform, class_setup, domain_split, eval_loader, normalize, resize_pair,
+                         train_loader)
+from common.metrics import evaluate_target
+from common.runlog import RunLog, param_counts, save_json
+from common.runtime import Runtime, resolve_out_dir, seed_everything, share_run_dir, unwrap
+
+SCRIPT = "proda"
+
+
+@dataclass
+class Args:
+    source: str = "gta"
+    """source domain: gta, synthia, cityscapes (the oracle), toy-synth, toy-real or a folder dataset path"""
+    target: str = "cityscapes"
+    """target domain, evaluated on its val split (built-in name or folder dataset path)"""
+    data_root: str = "data"
+    """folder holding gta/, synthia/, cityscapes/"""
+    preset: Literal["paper", "quick"] = "paper"
+    """paper: the published recipe; quick: CPU-sized run on the toy domains (explicit flags override it)"""
+    backbone: str = "resnet101"
+    """DeepLab-v2 backbone: resnet18, resnet34, resnet50 or resnet101 (paper: resnet101)"""
+    init: str = "imagenet"
+    """imagenet (torchvision weights), none (random) or a local file (DeepLab init .pth or our checkpoint)"""
+    iters: int = 62400
+    """training iterations (paper: 150k)"""
+    batch_size: int = 4
+    """global source batch, split over torchrun processes (paper: 1)"""
+    crop_size: Optional[list[int]] = field(default_factory=lambda: [512, 896])
+    """random crop H [W] after resizing; none trains on whole resized frames (paper: none)"""
+    lr: float = 2.5e-4
+    """backbone learning rate; the heads use head_lr_mult times it (paper: 2.5e-4)"""
+    seed: int = 1337
+    """seed of every random choice (AdaptSegNet: 1234)"""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """auto: cuda if available"""
+    amp: bool = True
+    """mixed precision on CUDA (bf16 where supported, else fp16 with a GradScaler)"""
+    num_workers: int = 4
+    """data-loading processes per training process"""
+    eval_every: int = 1000
+    """evaluate on the target val split every N iterations (0: only at the end)"""
+    checkpoint_every: int = 1000
+    """write checkpoints/last.pt every N iterations (AdaptSegNet snapshots every 5k)"""
+    out: Optional[str] = None
+    """run folder (default runs/<script>-<source>2<target>-s<seed>-<timestamp>)"""
+    resume: Optional[str] = None
+    """auto (the newest matching run folder's last.pt) or a checkpoint path"""
+    eval_only: bool = False
+    """evaluate --weights on the target val split, write results.json, exit"""
+    weights: list[str] = field(default_factory=list)
+    """checkpoint(s) to evaluate with --eval-only"""
+    dry_run: bool = False
+    """build networks and optimisers, write config.json with parameter counts, exit without reading data"""
+    log_every: int = 50
+    """write metrics.jsonl every N iterations (the only host syncs of the loop)"""
+    torch_deterministic: bool = False
+    """force deterministic cuDNN/cuBLAS kernels (slower)"""
+    source_size: Optional[list[int]] = None
+    """resize source frames to H W (default: GTA5 720 1280, SYNTHIA 760 1280, Cityscapes 512 1024, else native)"""
+    target_size: Optional[list[int]] = None
+    """resize target frames to H W for training (default: Cityscapes 512 1024, else native)"""
+    eval_size: Optional[list[int]] = None
+    """evaluation input H W; logits are upsampled to the full label size (default: as target_size)"""
+    eval_limit: Optional[int] = None
+    """score only the first N target val images (default: all)"""
+    num_predictions: int = 4
+    """colour-coded target-val predictions saved to predictions/ at the end"""
+    synthia_classes: int = 19
+    """classes of the head when the source is SYNTHIA: 19 (evaluated on 16/13) or 16"""
+    normalization: Literal["auto", "imagenet", "caffe"] = "auto"
+    """input normalisation; auto: caffe (BGR, mean only) for Caffe DeepLab init files, else imagenet"""
+    multi_level: bool = False
+    """add the auxiliary classifier on layer3 (weight lambda_seg_aux), as the multi-level methods do"""
+    lambda_seg_aux: float = 0.1
+    """weight of the auxiliary segmentation loss (AdaptSegNet: 0.1)"""
+    aspp_branches: int = 4
+    """ASPP branches summed: 4 (ADVENT, BDL) or 2 (AdaptSegNet's released code)"""
+    bn_mode: Literal["train", "eval"] = "train"
+    """frozen-affine BN with batch statistics (train, official) or running statistics (eval)"""
+    momentum: float = 0.9
+    """SGD momentum (paper: 0.9)"""
+    weight_decay: float = 2e-4
+    """SGD weight decay (paper: 5e-4)"""
+    head_lr_mult: float = 10.0
+    """learning-rate multiplier of the classifiers (paper: 10)"""
+    poly_horizon: int = 90000
+    """poly schedule horizon T in lr*(1-t/T)^power; longer than iters in the paper (250k)"""
+    poly_power: float = 0.9
+    """poly schedule power (paper: 0.9)"""
+
+    # Algorithm specific arguments
+    stage: Literal["warmup", "stage1", "stage2", "stage3", "all"] = "all"
+    """pipeline step to run; all: warm-up, stage 1, 2, 3 in order, each starting from the previous one's output"""
+    warmup_iters: int = 20000
+    """iterations of the adversarial warm-up (not stated by the paper; the released warm-up model is usually used)"""
+    warmup_poly_horizon: Optional[int] = None
+    """poly horizon of the warm-up (default: poly_horizon)"""
+    warmup_checkpoint: Optional[str] = None
+    """a finished warm-up checkpoint of this script; stage 1 starts from it and --stage all skips the warm-up"""
+    lambda_adv: float = 0.01
+    """warm-up: weight of the output-space adversarial loss on the target softmax (ProDA: 0.01)"""
+    lr_d: float = 1e-4
+    """warm-up: Adam learning rate of the discriminator, same poly decay (ProDA: 1e-4)"""
+    gan: Literal["vanilla", "ls"] = "ls"
+    """warm-up adversarial objective: vanilla (BCE with logits) or ls (least squares) (ProDA: ls)"""
+    stage1_lr: float = 1e-4
+    """stage 1 learning rate, the same for backbone and head (ProDA: 1e-4)"""
+    distill_lr: float = 6e-4
+    """stages 2/3 learning rate; the head gets head_lr_mult times it (ProDA: 6e-4)"""
+    scale_range: list[float] = field(default_factory=lambda: [0.537, 1.611])
+    """random rescale of source and target frames before the crop (ProDA: width U(0.5, 1.5) x 2200 of 2048)"""
+    randaugment_ops: int = 2
+    """RandAugment ops of the strong view, each applied with p 0.5 (ProDA: 2)"""
+    target_limit: Optional[int] = None
+    """adapt on and pseudo-label only the first N target train frames (default: all)"""
+    proto_momentum: float = 1e-4
+    """prototype EMA: eta <- (1 - m) eta + m mean feature (ProDA: 1e-4, i.e. lambda 0.9999)"""
+    proto_temperature: float = 1.0
+    """temperature tau of the prototype assignments softmax(-distance / tau) (ProDA: 1)"""
+    proto_min_pixels: int = 10
+    """a (frame, class) pair updates a prototype only with at least this many pixels (ProDA: 10)"""
+    ema_momentum: float = 0.999
+    """momentum of the stage-1 EMA model (ProDA: 0.999)"""
+    sce_alpha: float = 0.1
+    """stage 1: weight of CE in the symmetric CE (ProDA: 0.1)"""
+    sce_beta: float = 1.0
+    """stage 1: weight of reverse CE in the symmetric CE (ProDA: 1.0)"""
+    lambda_consistency: float = 10.0
+    """stage 1: weight of the weak/strong prototype-assignment KL (ProDA README: 10; its parser default 1)"""
+    lambda_regular: float = 0.1
+    """stage 1: weight of the mean(-log p) regulariser (ProDA: 0.1 for GTA5, 0 for SYNTHIA)"""
+    label_threshold: float = 0.95
+    """stages 2/3: hard labels with confidence <= this are ignored (ProDA: 0.95)"""
+    lambda_kd: float = 1.0
+    """stages 2/3: weight of the distillation loss (ProDA: 1)"""
+    kd_legacy: bool = False
+    """reproduce the official KD bug: KL on the student's softmax instead of its log-softmax (paper numbers: on)"""
+    student_init: str = "init"
+    """stage-2 student start: init (the --init weights), teacher (stage-1 weights) or a file (paper: SimCLRv2)"""
+
+    # to be filled in runtime
+    world_size: int = field(default=0, metadata={"runtime": True})
+    rank: int = field(default=0, metadata={"runtime": True})
+
+
+PRESETS = {
+    "paper": dict(target_size=[1024, 2048], eval_size=[1024, 2048]),
+    "quick": dict(source="toy-synth", target="toy-real", backbone="resnet18", init="none", iters=80, batch_size=4,
+                  lr=0.0025, eval_every=0, checkpoint_every=100, num_workers=1, log_every=10, poly_horizon=80,
+                  seed=0, source_size=[96, 192], target_size=[96, 192],
+                  # method-specific: 160 warm-up + 3 x 80 stage iterations = source_only's 400
+                  warmup_iters=160, warmup_poly_horizon=160, crop_size=[64, 128], target_limit=400,
+                  stage1_lr=0.001, distill_lr=0.0005, student_init="teacher"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# DeepLab-v2 (AdaptSegNet model/deeplab_multi.py topology; torchvision parameter names)
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        # Caffe-style: the stride sits on the first 1x1 conv (torchvision: on the 3x3; same shapes)
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+RESNETS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
+           "resnet50": (Bottleneck, [3, 4, 6, 3]), "resnet101": (Bottleneck, [3, 4, 23, 3])}
+
+
+class ASPP(nn.Module):
+    """DeepLab-v2 classifier: parallel 3x3 convs with dilation 6/12/18/24 to C channels, summed."""
+
+    def __init__(self, in_channels, num_classes, branches=4):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d)
+                                   for d in (6, 12, 18, 24)[:branches])
+        for conv in self.convs:
+            nn.init.normal_(conv.weight, 0, 0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x):
+        return sum(conv(x) for conv in self.convs)
+
+
+class DeepLabV2(nn.Module):
+    """ResNet with output stride 8; returns (aux logits on layer3 or None, main logits on layer4)."""
+
+    def __init__(self, backbone="resnet101", num_classes=19, multi_level=False, aspp_branches=4, bn_mode="train"):
+        super().__init__()
+        if backbone not in RESNETS:
+            raise UserError(f"unknown backbone '{backbone}': use one of {', '.join(RESNETS)}")
+        block, layers = RESNETS[backbone]
+        self.bn_mode, self.inplanes = bn_mode, 64
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, 2, 1, ceil_mode=True)
+        self.layer1 = self._layer(block, 64, layers[0])
+        self.layer2 = self._layer(block, 128, layers[1], stride=2)
+        self.layer3 = self._layer(block, 256, layers[2], dilation=2)
+        self.layer4 = self._layer(block, 512, layers[3], dilation=4)
+        self.aux_head = ASPP(256 * block.expansion, num_classes, aspp_branches) if multi_level else None
+        self.head = ASPP(512 * block.expansion, num_classes, aspp_branches)
+        for m in self.modules():  # frozen BN affine (official code); statistics still update in train mode
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.requires_grad_(False)
+                m.bias.requires_grad_(False)
+
+    def _layer(self, block, planes, blocks, stride=1, dilation=1):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion or dilation > 1:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                                       nn.BatchNorm2d(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, dilation, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes, 1, dilation) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.bn_mode == "eval":
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
+
+    def forward(self, x):
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x3 = self.layer3(self.layer2(self.layer1(x)))
+        aux = self.aux_head(x3) if self.aux_head is not None else None
+        return aux, self.head(self.layer4(x3))
+
+    def param_groups(self, lr, head_lr_mult):
+        heads = [p for n, p in self.named_parameters() if "head" in n and p.requires_grad]
+        backbone = [p for n, p in self.named_parameters() if "head" not in n and p.requires_grad]
+        return [{"params": backbone, "lr": lr, "lr_mult": 1.0},
+                {"params": heads, "lr": lr * head_lr_mult, "lr_mult": head_lr_mult}]
+
+
+def load_init(model, init, backbone) -> str:
+    """Load --init into the model; return the input normalisation the weights expect."""
+    if init == "none":
+        return "imagenet"
+    if init == "imagenet":
+        state = torchvision.models.get_model(backbone, weights="IMAGENET1K_V1").state_dict()
+        caffe = False
+    else:
+        if not os.path.isfile(init):
+            raise UserError(f"--init {init}: no such file (use imagenet, none or a path)")
+        try:
+            state = torch.load(init, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"cannot load --init {init}: {str(e).splitlines()[0][:200]}") from None
+        state = state.get("model", state.get("state_dict", state))
+        caffe = any(k.startswith("Scale.") for k in state)  # the DeepLab-v2 Caffe init files
+        state = {k.removeprefix("Scale.").removeprefix("module."): v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if not k.startswith(("layer5.", "layer6.", "fc."))}
+    own = model.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    backbone_keys = [k for k in own if "head" not in k]
+    missing = [k for k in backbone_keys if k not in matched]
+    if missing:
+        raise UserError(f"--init {init} does not fit a {backbone} DeepLab-v2: {len(missing)} of "
+                        f"{len(backbone_keys)} backbone tensors missing or misshapen (e.g. {missing[0]})")
+    model.load_state_dict(matched, strict=False)
+    return "caffe" if caffe else "imagenet"
+
+
+def seg_loss(logits, labels, align_corners=True):
+    """Cross-entropy at label resolution, mean over valid pixels (255 ignored; 0 if none are valid)."""
+    logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=align_corners)
+    total = F.cross_entropy(logits, labels, ignore_index=255, reduction="sum")
+    return total / (labels != 255).sum().clamp(min=1)
+
+
+def poly_lr(base_lr, it, horizon, power):
+    return base_lr * (1 - min(it, horizon - 1) / horizon) ** power
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_mult"]
+
+
+# ALGO LOGIC: output-space discriminator and adversarial losses
+class FCDiscriminator(nn.Module):
+    """Fully convolutional discriminator on a C-channel map (AdaptSegNet model/discriminator.py).
+
+    Five 4x4 convs with stride 2 and padding 1, channels num_classes -> ndf -> 2ndf -> 4ndf -> 8ndf -> 1,
+    LeakyReLU(0.2) after the first four, no normalisation and no sigmoid: domain logits at 1/32 of the input
+    size. Parameter names follow the official file, so its snapshots load.
+    """
+
+    def __init__(self, num_classes, ndf=64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(num_classes, ndf, 4, 2, 1)
+        self.conv2 = nn.Conv2d(ndf, ndf * 2, 4, 2, 1)
+        self.conv3 = nn.Conv2d(ndf * 2, ndf * 4, 4, 2, 1)
+        self.conv4 = nn.Conv2d(ndf * 4, ndf * 8, 4, 2, 1)
+        self.classifier = nn.Conv2d(ndf * 8, 1, 4, 2, 1)
+
+    def forward(self, x):
+        for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
+            x = F.leaky_relu(conv(x), 0.2)
+        return self.classifier(x)
+
+
+SOURCE_LABEL, TARGET_LABEL = 0.0, 1.0  # domain labels of every discriminator in this repository
+
+
+def gan_loss(d_logits, domain_label, gan="vanilla"):
+    """Discriminator logits against a constant domain label, in fp32: BCE with logits (vanilla) or MSE on the
+    raw logits (least squares, the official --gan LS)."""
+    d_logits = d_logits.float()
+    target = torch.full_like(d_logits, domain_label)
+    if gan == "ls":
+        return F.mse_loss(d_logits, target)
+    return F.binary_cross_entropy_with_logits(d_logits, target)
+
+
+def discriminator_loss(disc, source_map, target_map, gan="vanilla"):
+    """D's loss: 1/2 loss(D(source), 0) + 1/2 loss(D(target), 1) on detached maps (trains D only)."""
+    return 0.5 * (gan_loss(disc(source_map.detach()), SOURCE_LABEL, gan)
+                  + gan_loss(disc(target_map.detach()), TARGET_LABEL, gan))
+
+
+def generator_loss(disc, target_map, gan="vanilla"):
+    """The segmenter's adversarial term loss(D(target), 0): make target outputs look like source outputs.
+    Call it with the unwrapped D and its parameters frozen (set_requires_grad), so D gets no gradient."""
+    return gan_loss(disc(target_map), SOURCE_LABEL, gan)
+
+
+def set_requires_grad(nets, flag):
+    for net in nets:
+        for p in net.parameters():
+            p.requires_grad_(flag)
+
+
+def softmax_at(logits, size):
+    """Softmax in fp32 of the logits upsampled bilinearly to `size` (the official interp, align_corners=True)."""
+    return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=True).softmax(1)
+
+
+
+
+# ALGO LOGIC: ProDA's head (models/deeplabv2.py Classifier_Module2) on the shared DeepLab-v2 backbone
+class SEBlock(nn.Module):
+    """Squeeze-and-excitation: channel gates from a global average, two linear layers (reduction r)."""
+
+    def __init__(self, channels, reduction=16):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(channels, channels // reduction), nn.ReLU(inplace=True),
+                                nn.Linear(channels // reduction, channels), nn.Sigmoid())
+
+    def forward(self, x):
+        return x * self.fc(x.float().mean((2, 3))).to(x.dtype)[:, :, None, None]
+
+
+class ProDAHead(nn.Module):
+    """Five branches (1x1, 3x3 dilated 6/12/18/24) to 256 channels with GroupNorm(32) + ReLU, concatenated, SE,
+    3x3 conv to 256 + GroupNorm, Dropout2d(0.1): the 256-d feature of the prototypes; a bias-free 1x1 conv
+    gives the logits. Every conv N(0, 0.01) (ProDA's ResNet constructor re-initialises all convs)."""
+
+    def __init__(self, in_channels, num_classes, feat_dim=256, dropout=0.1):
+        super().__init__()
+
+        def branch(kernel, dilation):
+            return nn.Sequential(nn.Conv2d(in_channels, feat_dim, kernel, padding=dilation if kernel == 3 else 0,
+                                           dilation=dilation), nn.GroupNorm(32, feat_dim), nn.ReLU(inplace=True))
+        self.branches = nn.ModuleList([branch(1, 1)] + [branch(3, d) for d in (6, 12, 18, 24)])
+        self.bottleneck = nn.Sequential(SEBlock(5 * feat_dim), nn.Conv2d(5 * feat_dim, feat_dim, 3, padding=1),
+                                        nn.GroupNorm(32, feat_dim))
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(feat_dim, num_classes, 1, bias=False)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0, 0.01)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        feat = self.dropout(self.bottleneck(torch.cat([b(x) for b in self.branches], 1)))
+        return feat, self.classifier(feat)
+
+
+class ProDANet(DeepLabV2):
+    """The shared DeepLab-v2 backbone with ProDA's head; forward returns (256-d features, logits), both at
+    stride 8. trainable_bn: BN affine trained (stages 1-3, SyncBN in the paper); warm-up keeps it frozen."""
+
+    def __init__(self, backbone="resnet101", num_classes=19, trainable_bn=False):
+        super().__init__(backbone, num_classes, multi_level=False)
+        self.head = ProDAHead(512 * RESNETS[backbone][0].expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.requires_grad_(trainable_bn)
+                m.bias.requires_grad_(trainable_bn)
+
+    def forward(self, x):
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        return self.head(self.layer4(self.layer3(self.layer2(self.layer1(x)))))
+
+
+# ALGO LOGIC: prototypes, losses (all in fp32)
+def prototype_distance(feat, prototypes):
+    """Euclidean distance of each feature vector (N x D x H x W) to each prototype (C x D): N x C x H x W."""
+    feat = feat.float()
+    sq = ((feat ** 2).sum(1, keepdim=True) - 2 * torch.einsum("ndhw,cd->nchw", feat, prototypes)
+          + (prototypes ** 2).sum(1).view(1, -1, 1, 1))
+    return sq.clamp_min(1e-12).sqrt()
+
+
+def prototype_weights(feat, prototypes, temperature):
+    """omega_k = softmax_k(-||f - eta_k|| / tau) (the official code multiplies by tau; equal at tau = 1)."""
+    return F.softmax(-prototype_distance(feat, prototypes) / temperature, 1)
+
+
+def denoise_labels(soft, weights, valid):
+    """Rectified pseudo-labels argmax_k(omega_k p0_k); 255 where the view has no frame pixel (no cut-off)."""
+    labels = (weights * soft.float()).argmax(1)
+    return labels.masked_fill(~valid, 255)
+
+
+def sce_loss(logits, labels, alpha, beta):
+    """Symmetric CE: alpha CE(p, y) + beta RCE, RCE = -sum_k p_k log clamp(onehot_k, 1e-4, 1) = 9.21 sum_{k!=y} p_k,
+    p clamped to [1e-7, 1] (official rce()); both means over pixels with y != 255."""
+    logits = logits.float()
+    valid = labels != 255
+    count = valid.sum().clamp(min=1)
+    ce = F.cross_entropy(logits, labels, ignore_index=255, reduction="sum") / count
+    prob = logits.softmax(1).clamp(1e-7, 1.0)
+    p_label = prob.gather(1, labels.clamp(max=logits.shape[1] - 1).unsqueeze(1)).squeeze(1)
+    rce = -math.log(1e-4) * (prob.sum(1) - p_label)
+    return alpha * ce + beta * (rce * valid).sum() / count
+
+
+def regular_loss(logits):
+    """ProDA's regulariser (MRKLD): mean of -log p over all N*C*H*W entries (pushes away from overconfidence)."""
+    return -F.log_softmax(logits.float(), 1).mean()
+
+
+def consistency_loss(student_feat, teacher_assign, prototypes, temperature, keep):
+    """KL(z_T || z_S) between the teacher's prototype assignment (warped to the strong view) and the student's on
+    the strong view, averaged over the kept N*C*H*W entries (official normalisation: also over classes)."""
+    log_student = F.log_softmax(-prototype_distance(student_feat, prototypes) / temperature, 1)
+    kl = F.kl_div(log_student, teacher_assign.float(), reduction="none")
+    mask = keep.unsqueeze(1).expand_as(kl).float()
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+def kd_loss(student_logits, teacher_logits, legacy=False):
+    """Stages 2/3 distillation. Correct: KL(p_teacher || p_student) summed over classes, mean over pixels.
+    legacy: the official code's F.kl_div(softmax(student), p_teacher) averaged over N*C*H*W (it passes
+    probabilities where log-probabilities belong; its `teacher != 250` mask is all ones)."""
+    p_teacher = teacher_logits.float().softmax(1)
+    if legacy:
+        return F.kl_div(student_logits.float().softmax(1), p_teacher, reduction="none").mean()
+    return F.kl_div(F.log_softmax(student_logits.float(), 1), p_teacher, reduction="none").sum(1).mean()
+
+
+def class_feature_sums(feat, labels, num_classes, min_pixels=10):
+    """Mean feature of each (image, class) with >= min_pixels pixels labelled that class; returns the sum of
+    those means over images (C x D) and how many images contributed to each class (C)."""
+    valid = labels < num_classes
+    onehot = F.one_hot(labels.masked_fill(~valid, 0), num_classes).permute(0, 3, 1, 2).float()
+    onehot = onehot * valid.unsqueeze(1)
+    pixels = onehot.sum((2, 3))
+    means = torch.einsum("nchw,ndhw->ncd", onehot, feat.float()) / pixels.clamp(min=1).unsqueeze(-1)
+    used = (pixels >= min_pixels).float()
+    return (means * used.unsqueeze(-1)).sum(0), used.sum(0)
+
+
+def update_prototypes(prototypes, mean_sums, counts, momentum):
+    """ProDA updates eta_k <- (1 - m) eta_k + m v once per (image, class) mean v, one after another. Here the
+    n_k means of a step (summed over ranks) update in closed form: (1 - m)^n eta + (1 - (1 - m)^n) mean(v),
+    exact for n = 1 and for equal v, independent of order (so every rank gets the same result)."""
+    keep = ((1 - momentum) ** counts).unsqueeze(1)
+    mean = mean_sums / counts.clamp(min=1).unsqueeze(1)
+    return torch.where(counts.unsqueeze(1) > 0, keep * prototypes + (1 - keep) * mean, prototypes)
+
+
+@torch.no_grad()
+def ema_update(ema, model, momentum):
+    """theta_ema <- m theta_ema + (1 - m) theta; buffers (BN statistics) copied, as the official code."""
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.mul_(momentum).add_(p.detach(), alpha=1 - momentum)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+# ALGO LOGIC: views. geometry rows: [sy, sx, y0, x0, crop_h, crop_w, flip, strong_flip, cut_y0, cut_x0, cut_y1,
+# cut_x1, H, W]: the full frame (H x W) scaled by (sy, sx), cropped at (y0, x0) (zero padding past the scaled
+# frame), flipped (weak view); then flipped again and cut out (strong view; cut box in strong-view pixels)
+def full_to_view(maps, geom, out_hw, mode="bilinear"):
+    """Warp maps covering the full frame onto the weak view at out_hw; also the mask of view pixels that come
+    from the frame (not padding)."""
+    n, (h, w) = maps.shape[0], out_hw
+    sy, sx, y0, x0, ch, cw, flip = (geom[:, k].view(n, 1, 1) for k in range(7))
+    full_h, full_w = geom[:, 12].view(n, 1, 1), geom[:, 13].view(n, 1, 1)
+    v = (torch.arange(h, device=maps.device).view(1, h, 1) + 0.5) * ch / h  # pixel centres in view pixels
+    u = (torch.arange(w, device=maps.device).view(1, 1, w) + 0.5) * cw / w
+    u = torch.where(flip > 0, cw - u, u)
+    yf, xf = ((v + y0) / sy).expand(n, h, w), ((u + x0) / sx).expand(n, h, w)  # in full-frame pixels
+    grid = torch.stack([2 * xf / full_w - 1, 2 * yf / full_h - 1], -1)
+    out = F.grid_sample(maps.float(), grid, mode=mode, padding_mode="border", align_corners=False)
+    return out, (yf < full_h) & (xf < full_w)
+
+
+def weak_to_strong(maps, keep, geom):
+    """Apply the strong view's extra flip to weak-view maps (N x C x h x w) and drop its cut-out box from keep."""
+    n, h, w = keep.shape
+    strong_flip = geom[:, 7].view(n, 1, 1, 1) > 0
+    maps = torch.where(strong_flip, maps.flip(-1), maps)
+    keep = torch.where(strong_flip[:, 0], keep.flip(-1), keep)
+    ch, cw = geom[:, 4].view(n, 1, 1), geom[:, 5].view(n, 1, 1)
+    v = (torch.arange(h, device=keep.device).view(1, h, 1) + 0.5) * ch / h
+    u = (torch.arange(w, device=keep.device).view(1, 1, w) + 0.5) * cw / w
+    cut = ((v >= geom[:, 8].view(n, 1, 1)) & (v < geom[:, 10].view(n, 1, 1))
+           & (u >= geom[:, 9].view(n, 1, 1)) & (u < geom[:, 11].view(n, 1, 1)))
+    return maps, keep & ~cut
+
+
+def _enhance(kind):
+    return lambda img, v, rng: kind(img).enhance(1 + v * 0.9 * (1 if rng.random() < 0.5 else -1))
+
+
+# FixMatch RandAugment, photometric ops only (the geometric ones are not warped; header)
+RANDAUGMENT_OPS = [
+    lambda img, v, rng: ImageOps.autocontrast(img), lambda img, v, rng: ImageOps.equalize(img),
+    _enhance(ImageEnhance.Brightness), _enhance(ImageEnhance.Color), _enhance(ImageEnhance.Contrast),
+    _enhance(ImageEnhance.Sharpness), lambda img, v, rng: ImageOps.posterize(img, 8 - int(v * 4)),
+    lambda img, v, rng: ImageOps.solarize(img, 256 - int(v * 256)), lambda img, v, rng: img]
+
+
+class TargetViews(torch.utils.data.Dataset):
+    """Target train frames: (full frame at `size`, weak view, strong view, geometry row, index), uint8 images."""
+
+    def __init__(self, split, size, crop, scale_range, randaugment_ops=2, limit=None):
+        self.split, self.size, self.crop, self.scale_range = split, tuple(size), tuple(crop), scale_range
+        self.ops, self.limit = randaugment_ops, min(limit or len(split), len(split))
+
+    def __len__(self):
+        return self.limit
+
+    def __getitem__(self, key):
+        index, seed = key
+        rng = np.random.default_rng(seed)
+        full, _ = resize_pair(self.split.load(index, False)[0], None, self.size)
+        (full_h, full_w), (ch, cw) = full.shape[:2], self.crop
+        scale = rng.uniform(*self.scale_range)
+        scaled, _ = resize_pair(full, None, (int(full_h * scale + 0.5), int(full_w * scale + 0.5)))
+        sh, sw = scaled.shape[:2]
+        y0, x0 = int(rng.integers(0, max(sh - ch, 0) + 1)), int(rng.integers(0, max(sw - cw, 0) + 1))
+        weak = np.zeros((ch, cw, 3), np.uint8)
+        patch = scaled[y0:y0 + ch, x0:x0 + cw]
+        weak[:patch.shape[0], :patch.shape[1]] = patch
+        flip, strong_flip = rng.random() < 0.5, rng.random() < 0.5
+        weak = weak[:, ::-1] if flip else weak
+        strong = Image.fromarray(np.ascontiguousarray(weak[:, ::-1] if strong_flip else weak))
+        for op in rng.integers(0, len(RANDAUGMENT_OPS), self.ops):
+            if rng.random() < 0.5:
+                strong = RANDAUGMENT_OPS[op](strong, rng.integers(1, 10) / 10, rng)
+        strong = np.array(strong)
+        side, cy, cx = min(ch, cw) // 3, rng.uniform(0, ch), rng.uniform(0, cw)  # always-on Cutout, gray 127
+        cut = [max(int(cy - side / 2), 0), max(int(cx - side / 2), 0), min(int(cy + side / 2), ch),
+               min(int(cx + side / 2), cw)]
+        strong[cut[0]:cut[2], cut[1]:cut[3]] = 127
+        geom = torch.tensor([sh / full_h, sw / full_w, y0, x0, ch, cw, flip, strong_flip, *cut, full_h, full_w],
+                            dtype=torch.float32)
+        as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))  # noqa: E731
+        return as_tensor(full), as_tensor(weak), as_tensor(strong), geom, index
+
+
+def assert_same_on_ranks(rt, name, *tensors):
+    """DDP: prototypes and the EMA model must stay identical on every rank (sums compared by min/max reduce)."""
+    if not rt.distributed:
+        return
+    probe = torch.stack([t.detach().double().sum() for t in tensors] + [t.detach().double().abs().sum()
+                                                                        for t in tensors])
+    lo, hi = rt.all_reduce(probe.clone(), torch.distributed.ReduceOp.MIN), rt.all_reduce(
+        probe.clone(), torch.distributed.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        raise RuntimeError(f"{name} differ between ranks")
+    if rt.is_main:
+        tqdm.write(f"{name}: identical on all {rt.world} ranks")
+
+
+# ----------------------------------------------------------------------------------------------------
+STAGES = ("warmup", "stage1", "stage2", "stage3")
+
+
+def open_rows(path, mode="r", shape=None, dtype=None):
+    """A .npy file as a memory map: pseudo-labels are written and read row by row, never held whole."""
+    if mode == "w+":
+        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    return np.load(path, mmap_mode=mode)
+
+
+def main():
+    args = parse_args(Args, PRESETS, description=__doc__)
+    # TRY NOT TO MODIFY: setup
+    rt = Runtime(args.device, args.amp)
+    args.world_size, args.rank = rt.world, rt.rank
+    if args.batch_size % rt.world:
+        raise UserError(f"--batch-size {args.batch_size} is the global batch; it must divide by {rt.world} processes")
+    args.out = out_dir = share_run_dir(rt, resolve_out_dir(args, SCRIPT))
+    seed_everything(args.seed, args.torch_deterministic)
+    classes, eval_classes, pred_map = class_setup(args.source, args.target, args.synthia_classes)
+    num_classes = len(classes)
+    ckpt_path = resume_path(args.resume, out_dir)
+    channels_last = torch.channels_last if rt.channels_last else torch.preserve_format
+
+    # ALGO LOGIC: networks and optimisers (the dry run builds every stage's)
+    def build_net(trainable_bn):
+        net = ProDANet(args.backbone, num_classes, trainable_bn)
+        if rt.distributed and rt.device.type == "cuda" and trainable_bn:
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # ProDA: SyncBN in stages 1-3 (gloo/CPU: per rank)
+        return net.to(rt.device, memory_format=channels_last)
+
+    def sgd(net, lr, head_lr_mult):
+        return torch.optim.SGD(net.param_groups(lr, head_lr_mult), lr=lr, momentum=args.momentum,
+                               weight_decay=args.weight_decay)
+
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    if args.warmup_checkpoint and args.stage == "all":
+        stages = STAGES[1:]
+    iters_of = {"warmup": args.warmup_iters, "stage1": args.iters, "stage2": args.iters, "stage3": args.iters}
+
+    # TRY NOT TO MODIFY: run folder, dry run, resume
+    log = RunLog(out_dir, rt.is_main)
+    if args.dry_run:
+        model, disc = build_net(False), FCDiscriminator(num_classes)
+        sgd(model, args.lr, args.head_lr_mult), torch.optim.Adam(disc.parameters(), lr=args.lr_d, betas=(0.9, 0.99))
+        student = build_net(True)
+        sgd(student, args.stage1_lr, 1.0), sgd(student, args.distill_lr, args.head_lr_mult)
+        log.write_config(SCRIPT, args, param_counts(model=model, disc_main=disc, ema=student, teacher=model,
+                                                    student=student), num_classes=num_classes, stages=list(stages))
+        print(f"dry run: config written to {log.path('config.json')}")
+        return
+    target_val = domain_split(args.target, "val", args.data_root)
+    eval_size = args.eval_size or args.target_size or target_val.paper_size
+
+    def to_input(images, norm):
+        x = normalize(images.to(rt.device, non_blocking=True), norm)
+        return x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x
+
+    # TRY NOT TO MODIFY: evaluation
+    def evaluate_model(net, norm, final=False):
+        net.eval()
+        with torch.no_grad(), rt.autocast():
+            summary = evaluate_target(lambda x: net(to_input(x, norm))[1], target_val, rt, align_corners=True,
+                                      log=log, num_predictions=args.num_predictions if final else 0,
+                                      limit=args.eval_limit, eval_size=eval_size, pred_map=pred_map,
+                                      synthia_protocols=args.source == "synthia" and len(eval_classes) == 19)
+        net.train()
+        return summary
+
+    if args.eval_only:
+        if len(args.weights) != 1:
+            raise UserError("--eval-only needs exactly one --weights PATH")
+        ckpt = load_checkpoint(args.weights[0], SCRIPT, num_classes)
+        model = build_net(False)
+        load_weights(model, ckpt["model"])
+        log.write_config(SCRIPT, args, param_counts(model=model), num_classes=num_classes)
+        summary = evaluate_model(model, ckpt["normalization"], final=True)
+        log.write_results(summary, ckpt["iter"], weights=args.weights, stage=ckpt["stage"])
+        print(f"target val mIoU {summary['miou']:.2f} ({log.path('results.json')})")
+        return
+    log.write_config(SCRIPT, args, param_counts(model=build_net(True), disc_main=FCDiscriminator(num_classes)),
+                     num_classes=num_classes, stages=list(stages))
+    resume_ckpt = load_checkpoint(ckpt_path, SCRIPT, num_classes) if ckpt_path else None
+    if resume_ckpt is not None and resume_ckpt["stage"] not in stages:
+        if STAGES.index(resume_ckpt["stage"]) > STAGES.index(stages[-1]):
+            raise UserError(f"{ckpt_path} is from {resume_ckpt['stage']}, past --stage {args.stage}: nothing to do")
+        resume_ckpt = None  # an earlier stage's checkpoint: the requested stage starts fresh
+
+    def stage_checkpoint(stage):
+        """A finished earlier stage's checkpoint, which this stage starts from (the stage hand-over)."""
+        path = (args.warmup_checkpoint if stage == "warmup" and args.warmup_checkpoint
+                else os.path.join(out_dir, stage, "checkpoints", "last.pt"))
+        if not os.path.isfile(path):
+            raise UserError(f"{path} does not exist: run --stage {stage} first with the same --out"
+                            + (" (or pass --warmup-checkpoint)" if stage == "warmup" else ""))
+        ckpt = load_checkpoint(path, SCRIPT, num_classes)
+        if ckpt["stage"] != stage or ckpt["iter"] < iters_of[stage] and path != args.warmup_checkpoint:
+            raise UserError(f"{path} is {ckpt['stage']} at iteration {ckpt['iter']}, not a finished {stage}")
+        return ckpt
+
+    # ALGO LOGIC: data (the stream of each stage and rank has its own seed)
+    source_train = domain_split(args.source, "train", args.data_root, synthia_classes=args.synthia_classes)
+    target_train = domain_split(args.target, "train", args.data_root, labelled=False)
+    source_size = args.source_size or source_train.paper_size
+    target_size = args.target_size or target_train.paper_size
+    crop = args.crop_size or target_size
+    crop = (crop[0], crop[0]) if len(crop) == 1 else tuple(crop)
+    quarter = (crop[0] // 4, crop[1] // 4)  # every target loss lives at 1/4 of the crop (official)
+    full_quarter = (target_size[0] // 4, target_size[1] // 4)
+    per_rank_batch = args.batch_size // rt.world
+    loader_kw = dict(num_workers=args.num_workers, pin_memory=rt.device.type == "cuda")
+
+    def loaders(stage_index, start_iter):
+        seed = args.seed + 1000 * stage_index
+        source = SegDataset(source_train, TrainTransform(size=source_size, scale=tuple(args.scale_range),
+                                                         crop=crop, flip=True))
+        target = TargetViews(target_train, target_size, crop, args.scale_range, args.randaugment_ops,
+                             args.target_limit)
+        return (train_loader(source, per_rank_batch, seed + rt.rank, start_iter, **loader_kw),
+                train_loader(target, per_rank_batch, seed + 100_003 + rt.rank, start_iter, **loader_kw))
+
+    def target_pass(desc):
+        """The target train frames at target_size, sharded over ranks, with a progress bar on rank 0."""
+        frames = SegDataset(target_train, eval_size=target_size, with_label=False)
+        n = min(args.target_limit or len(target_train), len(target_train))
+        loader = eval_loader(frames, rt.rank, rt.world, args.num_workers, n)
+        return n, tqdm(loader, desc=desc, disable=not rt.is_main, dynamic_ncols=True)
+
+    def prepare_soft_labels(net, norm, folder):
+        """Prep a+b: warm-up softmax of every target frame at stride 8 (float16 memmap) and the prototypes,
+        image-weighted means of the warm-up features per warm-up argmax class (pairs with >= 10 pixels)."""
+        done = os.path.join(folder, "done.json")
+        if args.resume and os.path.isfile(done):
+            return open_rows(os.path.join(folder, "soft.npy")), torch.load(
+                os.path.join(folder, "prototypes.pt"), weights_only=True).to(rt.device)
+        net.eval()
+        with torch.no_grad(), rt.autocast():
+            stride8 = net(to_input(torch.zeros(1, 3, *target_size, dtype=torch.uint8), norm))[1].shape[-2:]
+            n, frames = target_pass("soft labels + prototypes")
+            if rt.is_main:
+                os.makedirs(folder, exist_ok=True)
+                open_rows(os.path.join(folder, "soft.npy"), "w+", (n, num_classes, *stride8), np.float16).flush()
+            rt.barrier()
+            rows = open_rows(os.path.join(folder, "soft.npy"), "r+")
+            sums = torch.zeros(num_classes, 256, device=rt.device)
+            counts = torch.zeros(num_classes, device=rt.device)
+            for image, _, index in frames:
+                feat, logits = net(to_input(image, norm))
+                prob = logits.float().softmax(1)
+                rows[int(index[0])] = prob[0].half().cpu().numpy()
+                s, c = class_feature_sums(feat, prob.argmax(1), num_classes, args.proto_min_pixels)
+                sums += s
+                counts += c
+            rows.flush()
+        net.train()
+        rt.all_reduce(sums), rt.all_reduce(counts)
+        prototypes = sums / counts.clamp(min=1).unsqueeze(1)
+        if rt.is_main:
+            torch.save(prototypes.cpu(), os.path.join(folder, "prototypes.pt"))
+            save_json(done, {"frames": n, "soft_shape": [num_classes, *stride8], "class_images": counts.tolist()})
+        rt.barrier()
+        return open_rows(os.path.join(folder, "soft.npy")), prototypes
+
+    def prepare_hard_labels(net, norm, folder):
+        """Prep c: hard labels (uint8) and confidences (float16) of the teacher with flip TTA, at 1/4 of the
+        target frame; --label-threshold is applied when they are read."""
+        done = os.path.join(folder, "done.json")
+        if not (args.resume and os.path.isfile(done)):
+            n, frames = target_pass("hard labels (flip TTA)")
+            if rt.is_main:
+                os.makedirs(folder, exist_ok=True)
+                open_rows(os.path.join(folder, "labels.npy"), "w+", (n, *full_quarter), np.uint8).flush()
+                open_rows(os.path.join(folder, "conf.npy"), "w+", (n, *full_quarter), np.float16).flush()
+            rt.barrier()
+            labels, conf = (open_rows(os.path.join(folder, f), "r+") for f in ("labels.npy", "conf.npy"))
+            net.eval()
+            with torch.no_grad(), rt.autocast():
+                for image, _, index in frames:
+                    x = to_input(image, norm)
+                    prob = net(x)[1].float().softmax(1) + net(x.flip(-1))[1].float().softmax(1).flip(-1)
+                    prob = F.interpolate(prob / 2, size=full_quarter, mode="bilinear", align_corners=True)
+                    best, label = prob.max(1)
+                    labels[int(index[0])] = label[0].to(torch.uint8).cpu().numpy()
+                    conf[int(index[0])] = best[0].half().cpu().numpy()
+            net.train()
+            labels.flush(), conf.flush()
+            rt.barrier()
+            if rt.is_main:
+                save_json(done, {"frames": n, "shape": list(full_quarter)})
+            rt.barrier()
+        return open_rows(os.path.join(folder, "labels.npy")), open_rows(os.path.join(folder, "conf.npy"))
+
+    def rows_of(rows, index):
+        return torch.from_numpy(np.stack([rows[int(i)] for i in index])).to(rt.device, non_blocking=True)
+
+    # TRY NOT TO MODIFY: the training loop of every stage (logging, evaluation, checkpoints)
+    def train_stage(stage, net, optimizers, step, state, start_iter, norm):
+        """optimizers: (optimizer, base lr, poly horizon); step(it) -> losses; state() -> extra checkpoint entries."""
+        stage_log = RunLog(log.path(stage), rt.is_main)
+        iters, running = iters_of[stage], {}
+
+        def checkpoint(it):
+            extra = state()  # on every rank: it may compare the ranks
+            if rt.is_main:
+                path = stage_log.path("checkpoints", "last.pt")
+                save_checkpoint(path, {
+                    "script": SCRIPT, "num_classes": num_classes, "stage": stage, "iter": it, "normalization": norm,
+                    "args": dataclasses.asdict(args), "model": unwrap(net).state_dict(),
+                    **{f"optimizer{k}": o.state_dict() for k, (o, _, _) in enumerate(optimizers)},
+                    "scaler": rt.scaler.state_dict(), "rng": rng_state(), **extra})
+                tmp = log.path("checkpoints", "last.pt.tmp")  # the run's last.pt: a link to the newest stage's
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                try:
+                    os.link(path, tmp)
+                except OSError:
+                    shutil.copyfile(path, tmp)
+                os.replace(tmp, log.path("checkpoints", "last.pt"))
+
+        stage_log.start_loop(start_iter)
+        progress = tqdm(range(start_iter, iters), initial=start_iter, total=iters, disable=not rt.is_main,
+                        desc=f"{SCRIPT} {stage}", dynamic_ncols=True)
+        for it in progress:
+            lrs = [poly_lr(base_lr, it, horizon, args.poly_power) for _, base_lr, horizon in optimizers]
+            for (optimizer, _, _), lr in zip(optimizers, lrs):
+                set_lr(optimizer, lr)
+            lr = lrs[0]  # the segmenter's, logged
+            losses = step(it)
+            for k, v in losses.items():
+                running[k] = running.get(k, 0.0) + v.detach()
+            done = it + 1
+            if done % args.log_every == 0 or done % args.checkpoint_every == 0 or done == iters:
+                scalars = stage_log.check_and_log(done, running, lr, args.batch_size, progress,
+                                                  write=done % args.log_every == 0 or done == iters)
+                running = {} if scalars is not None else running
+            if args.eval_every and done % args.eval_every == 0 and done != iters:
+                stage_log.log_eval(done, evaluate_model(net, norm))
+            if done % args.checkpoint_every == 0 or done == iters:
+                checkpoint(done)
+        if start_iter == iters:
+            checkpoint(iters)  # a finished stage resumed: re-link the run's last.pt
+        summary = evaluate_model(net, norm, final=True)
+        stage_log.log_eval(iters, summary)
+        stage_log.write_results(summary, iters, stage=stage)
+        log.write_results(summary, iters, stage=stage, total_iters=sum(iters_of[s] for s in STAGES[:STAGES.index(
+            stage) + 1]))  # the run's results.json: the newest stage's (stage 3's after --stage all)
+        stage_log.close()
+        return summary
+
+    def resume_into(stage, net, optimizers):
+        """Exact continuation inside a stage; returns (start iteration, checkpoint or None)."""
+        seed_everything(args.seed + STAGES.index(stage), args.torch_deterministic)
+        ckpt = resume_ckpt if resume_ckpt is not None and resume_ckpt["stage"] == stage else None
+        if ckpt is None:
+            return 0, None
+        load_weights(unwrap(net), ckpt["model"])
+        for k, (optimizer, _, _) in enumerate(optimizers):
+            optimizer.load_state_dict(ckpt[f"optimizer{k}"])
+        rt.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        print(f"resumed {stage} from {ckpt_path} at iteration {ckpt['iter']}")
+        return ckpt["iter"], ckpt
+
+    # ALGO LOGIC: warm-up, output-space adversarial (source CE + lambda_adv LS-GAN on the target softmax)
+    def run_warmup():
+        model = build_net(False)
+        resuming = resume_ckpt is not None and resume_ckpt["stage"] == "warmup"
+        norm = load_init(model, args.init, args.backbone) if not resuming else None
+        norm = args.normalization if args.normalization != "auto" else norm
+        disc = FCDiscriminator(num_classes).to(rt.device, memory_format=channels_last)
+        optimizer = sgd(model, args.lr, args.head_lr_mult)
+        d_optimizer = torch.optim.Adam([{"params": disc.parameters(), "lr_mult": 1.0}], lr=args.lr_d,
+                                       betas=(0.9, 0.99))
+        horizon = args.warmup_poly_horizon or args.poly_horizon
+        optimizers = [(optimizer, args.lr, horizon), (d_optimizer, args.lr_d, horizon)]
+        start_iter, ckpt = resume_into("warmup", model, optimizers)
+        if ckpt is not None:
+            disc.load_state_dict(ckpt["disc_main"])
+            norm = ckpt["normalization"]
+        source_batches, target_batches = loaders(0, start_iter)
+        train_model, train_disc = rt.wrap(model), rt.wrap(disc)
+
+        def step(it):
+            images, labels, _ = next(source_batches)
+            _, target_images, _, _, _ = next(target_batches)  # the weak target view
+            labels = labels.to(rt.device, non_blocking=True).long()
+            with rt.autocast():
+                _, source_logits = train_model(to_input(images, norm))
+                _, target_logits = train_model(to_input(target_images, norm))
+            source_map = softmax_at(source_logits.detach(), images.shape[-2:])
+            target_map = softmax_at(target_logits, target_images.shape[-2:])
+            set_requires_grad([disc], False)
+            with rt.autocast():
+                losses = {"seg_src": seg_loss(source_logits, labels),
+                          "adv_main": generator_loss(disc, target_map, args.gan)}
+            loss = losses["seg_src"] + args.lambda_adv * losses["adv_main"]
+            optimizer.zero_grad(set_to_none=True)
+            d_optimizer.zero_grad(set_to_none=True)
+            rt.scaler.scale(loss).backward()
+            set_requires_grad([disc], True)
+            with rt.autocast():
+                losses["d_main"] = discriminator_loss(train_disc, source_map, target_map, args.gan)
+            rt.scaler.scale(losses["d_main"]).backward()
+            rt.scaler.step(optimizer)
+            rt.scaler.step(d_optimizer)
+            rt.scaler.update()
+            return losses
+
+        return train_stage("warmup", model, optimizers, step, lambda: {"disc_main": disc.state_dict()},
+                           start_iter, norm)
+
+    # ALGO LOGIC: stage 1, prototypical pseudo-label denoising + structure consistency
+    def run_stage1():
+        warm = stage_checkpoint("warmup")
+        model = build_net(True)
+        load_weights(unwrap(model), warm["model"])
+        norm = warm["normalization"]
+        optimizer = sgd(model, args.stage1_lr, 1.0)  # stage 1: one lr for backbone and head (official)
+        optimizers = [(optimizer, args.stage1_lr, args.poly_horizon)]
+        soft_rows, prototypes = prepare_soft_labels(model, norm, log.path("stage1", "pseudo"))
+        start_iter, ckpt = resume_into("stage1", model, optimizers)
+        ema = copy.deepcopy(unwrap(model)).requires_grad_(False)  # train mode, as the official EMA
+        if ckpt is not None:
+            ema.load_state_dict(ckpt["ema"])
+            prototypes = ckpt["prototypes"].to(rt.device)
+        source_batches, target_batches = loaders(1, start_iter)
+        train_model = rt.wrap(model)
+
+        def step(it):
+            images, labels, _ = next(source_batches)
+            full, weak, strong, geom, index = next(target_batches)
+            labels = labels.to(rt.device, non_blocking=True).long()
+            geom = geom.to(rt.device, non_blocking=True)
+            with torch.no_grad():
+                with rt.autocast():
+                    ema_feat, ema_logits = ema(to_input(full, norm))
+                ema_feat = F.interpolate(ema_feat.float(), size=full_quarter, mode="bilinear", align_corners=True)
+                ema_logits = F.interpolate(ema_logits.float(), size=full_quarter, mode="bilinear",
+                                           align_corners=True)
+                weak_feat, valid = full_to_view(ema_feat, geom, quarter)
+                weights = prototype_weights(weak_feat, prototypes, args.proto_temperature)
+                pseudo = denoise_labels(full_to_view(rows_of(soft_rows, index), geom, quarter)[0], weights, valid)
+                teacher_assign, keep = weak_to_strong(weights, valid, geom)
+            with rt.autocast():
+                _, source_logits = train_model(to_input(images, norm))
+                _, weak_logits = train_model(to_input(weak, norm))
+                strong_feat, _ = train_model(to_input(strong, norm))
+            weak_logits = F.interpolate(weak_logits.float(), size=quarter, mode="bilinear", align_corners=True)
+            strong_feat = F.interpolate(strong_feat.float(), size=quarter, mode="bilinear", align_corners=True)
+            losses = {"seg_src": seg_loss(source_logits, labels),
+                      "sce": sce_loss(weak_logits, pseudo, args.sce_alpha, args.sce_beta),
+                      "proto_kl": consistency_loss(strong_feat, teacher_assign, prototypes, args.proto_temperature,
+                                                   keep),
+                      "reg": regular_loss(weak_logits)}
+            loss = (losses["seg_src"] + losses["sce"] + args.lambda_consistency * losses["proto_kl"]
+                    + args.lambda_regular * losses["reg"])
+            optimizer.zero_grad(set_to_none=True)
+            rt.scaler.scale(loss).backward()
+            rt.scaler.step(optimizer)
+            rt.scaler.update()
+            # prototypes from the EMA's full-frame features and argmax, summed over ranks before the update
+            sums, counts = class_feature_sums(ema_feat, ema_logits.argmax(1), num_classes, args.proto_min_pixels)
+            rt.all_reduce(sums), rt.all_reduce(counts)
+            prototypes.copy_(update_prototypes(prototypes, sums, counts, args.proto_momentum))
+            ema_update(ema, unwrap(model), args.ema_momentum)
+            losses["pseudo_weight"] = (pseudo != 255).float().mean()
+            return losses
+
+        def state():
+            assert_same_on_ranks(rt, "prototypes and EMA weights", prototypes, *ema.parameters())
+            return {"ema": ema.state_dict(), "prototypes": prototypes}
+
+        return train_stage("stage1", model, optimizers, step, state, start_iter, norm)
+
+    # ALGO LOGIC: stages 2 and 3, self-distillation into a student on the teacher's hard labels
+    def run_distill(stage):
+        previous = STAGES[STAGES.index(stage) - 1]
+        prev = stage_checkpoint(previous)
+        norm = prev["normalization"]
+        teacher = build_net(False).requires_grad_(False)
+        load_weights(teacher, prev["model"])
+        teacher.eval()  # the KD teacher: frozen, eval mode
+        labels_rows, conf_rows = prepare_hard_labels(teacher, norm, log.path(stage, "pseudo"))
+        teacher.eval()
+        student = build_net(True)
+        if stage == "stage3" or args.student_init == "teacher":
+            load_weights(unwrap(student), prev["model"])
+        else:  # stage 2: a fresh student (paper: SimCLRv2 R101 via a PATH; default the --init weights)
+            load_init(student, args.init if args.student_init == "init" else args.student_init, args.backbone)
+        optimizer = sgd(student, args.distill_lr, args.head_lr_mult)
+        optimizers = [(optimizer, args.distill_lr, args.poly_horizon)]
+        start_iter, _ = resume_into(stage, student, optimizers)
+        source_batches, target_batches = loaders(STAGES.index(stage), start_iter)
+        train_model = rt.wrap(student)
+
+        def step(it):
+            images, labels, _ = next(source_batches)
+            _, _, strong, geom, index = next(target_batches)
+            labels = labels.to(rt.device, non_blocking=True).long()
+            geom = geom.to(rt.device, non_blocking=True)
+            with torch.no_grad():
+                hard = rows_of(labels_rows, index).float()
+                hard[rows_of(conf_rows, index).float() <= args.label_threshold] = 255
+                hard, valid = full_to_view(hard.unsqueeze(1), geom, quarter, mode="nearest")
+                hard, keep = weak_to_strong(hard, valid, geom)
+                hard = hard[:, 0].masked_fill(~keep, 255).long()
+                with rt.autocast():
+                    _, teacher_logits = teacher(to_input(strong, norm))
+            with rt.autocast():
+                _, source_logits = train_model(to_input(images, norm))
+                _, strong_logits = train_model(to_input(strong, norm))
+            size = dict(size=quarter, mode="bilinear", align_corners=True)
+            losses = {"seg_src": seg_loss(source_logits, labels), "seg_tgt": seg_loss(strong_logits, hard),
+                      "kd": kd_loss(F.interpolate(strong_logits.float(), **size),
+                                    F.interpolate(teacher_logits.float(), **size), args.kd_legacy)}
+            loss = losses["seg_src"] + losses["seg_tgt"] + args.lambda_kd * losses["kd"]
+            optimizer.zero_grad(set_to_none=True)
+            rt.scaler.scale(loss).backward()
+            rt.scaler.step(optimizer)
+            rt.scaler.update()
+            losses["pseudo_weight"] = (hard != 255).float().mean()
+            return losses
+
+        return train_stage(stage, student, optimizers, step, dict, start_iter, norm)
+
+    # TRY NOT TO MODIFY: run the stages in order; each writes <out>/<stage>/ and the run's results.json
+    runners = {"warmup": run_warmup, "stage1": run_stage1, "stage2": lambda: run_distill("stage2"),
+               "stage3": lambda: run_distill("stage3")}
+    first = stages.index(resume_ckpt["stage"]) if resume_ckpt is not None else 0
+    for stage in stages[first:]:
+        summary = runners[stage]()
+        if rt.is_main:
+            tqdm.write(f"{stage}: target val mIoU {summary['miou']:.2f}")
+        resume_ckpt = None if resume_ckpt is not None and resume_ckpt["stage"] == stage else resume_ckpt
+    log.close()
+    rt.close()
+
+
+if __name__ == "__main__":
+    guard(main)

@@ -1,0 +1,284 @@
+"""lsdseg.py: the FCN-8s, G and D shapes, each loss on hand-made tensors, which network each of the three
+updates may change; then the script end to end (run folder, exact resume, eval-only, dry run, torchrun)."""
+import dataclasses
+import importlib
+import inspect
+import json
+import math
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+from common.checkpoint import load_checkpoint
+from common.cli import UserError, field_docs
+from conftest import ROOT, run_script
+
+lsd = importlib.import_module("lsdseg")
+SMALL = ["--preset", "quick", "--source-size", "32", "64", "--target-size", "32", "64", "--eval-limit", "2",
+         "--num-workers", "0", "--log-every", "2", "--checkpoint-every", "2"]
+
+
+def run(*extra, cmd=None):
+    argv = [*(cmd or ["lsdseg.py"]), *SMALL, *map(str, extra)]
+    if cmd is None:
+        return run_script(*argv, check=True, env={"OMP_NUM_THREADS": "1"})
+    import subprocess
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def metrics(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+# ----------------------------------------------------------------------------------------------------- interface
+def test_every_field_has_help_and_quick_mirrors_source_only():
+    docs = field_docs(lsd.Args)
+    for f in dataclasses.fields(lsd.Args):
+        if not f.metadata.get("runtime"):
+            assert docs.get(f.name), f"{f.name} has no docstring"
+    so = importlib.import_module("source_only")
+    for key in ("source", "target", "init", "iters", "batch_size", "eval_every", "checkpoint_every", "num_workers",
+                "log_every", "poly_horizon", "seed", "source_size", "target_size"):
+        assert lsd.PRESETS["quick"][key] == so.PRESETS["quick"][key], key
+
+
+def test_shared_blocks_identical_to_source_only():
+    so = importlib.import_module("source_only")
+    for name in ("seg_loss", "poly_lr", "set_lr"):
+        assert inspect.getsource(getattr(so, name)) == inspect.getsource(getattr(lsd, name)), name
+
+
+# ------------------------------------------------------------------------------------------------------ networks
+def test_fcn8s_shapes_fixed_deconvolutions_and_param_groups():
+    model = lsd.FCN8s("vgg16_small", num_classes=5)
+    (fc7, pool4, pool3), scores = model(torch.zeros(2, 3, 96, 192))
+    assert scores.shape == (2, 5, 96, 192)  # the Caffe crops give the input size back
+    assert (fc7.shape[1], pool4.shape[1], pool3.shape[1]) == model.embedding_channels == (512, 64, 32)
+    assert model.features[0].padding == (100, 100) and model.fc6.kernel_size == (7, 7) and model.fc6.padding == (0, 0)
+    assert all(score.weight.abs().sum() == 0 for score in (model.score_fr, model.score_pool4, model.score_pool3))
+    deconvs = [m.weight for m in (model.upscore2, model.upscore_pool4, model.upscore8)]
+    assert not any(w.requires_grad for w in deconvs)
+    groups = model.param_groups(1e-5, 2.0)
+    grouped = {id(p) for g in groups for p in g["params"]}
+    assert not grouped & {id(w) for w in deconvs}
+    assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
+    assert groups[1]["lr_mult"] == 2.0 and all(p.dim() == 1 for p in groups[1]["params"])
+    with pytest.raises(UserError, match="unknown backbone 'resnet18'"):
+        lsd.FCN8s("resnet18")
+
+
+def test_bilinear_kernel_values():
+    k = lsd.bilinear_kernel(2, 4)
+    filt = torch.tensor([0.25, 0.75, 0.75, 0.25])
+    assert torch.allclose(k[0, 0], filt[:, None] * filt[None, :]) and k[0, 1].abs().sum() == 0
+
+
+def test_generator_and_discriminator_shapes():
+    model = lsd.FCN8s("vgg16_small", num_classes=5)
+    gen, disc = lsd.Generator(model.embedding_channels, 8), lsd.Discriminator(5, 8)
+    for size in ((96, 192), (32, 64), (40, 72)):  # the last one needs G's crop/pad
+        embedding, _ = model(torch.rand(1, 3, *size))
+        fake = gen(embedding, size)
+        assert fake.shape == (1, 3, *size) and 0 <= fake.min() and fake.max() <= 1
+        out_s, out_c = disc(fake)
+        assert out_s.shape == (1, 4, *lsd.Discriminator.output_size(size)) and out_c.shape[1] == 5
+    assert lsd.Discriminator.output_size((320, 640)) == (40, 80)
+
+
+# -------------------------------------------------------------------------------------------------------- losses
+def test_map_ce_cell_ratio_l1_and_labels_for_d():
+    assert math.isclose(float(lsd.map_ce(torch.zeros(2, 4, 3, 5), lsd.TGT_REAL)), math.log(4), rel_tol=1e-6)
+    logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 0.0]]]])  # 1 image, 2 classes, 1x2 cells
+    # cell 0 is class 0 (CE log(1+e^-2)); cell 1 is ignored but still counts in the denominator (official sum)
+    value = lsd.map_ce(logits, torch.tensor([[[0, 255]]]))
+    assert math.isclose(float(value), math.log(1 + math.exp(-2)) / 2, rel_tol=1e-6)
+    assert lsd.cell_ratio(torch.zeros(1, 4, 12, 24), torch.zeros(1, 3, 96, 192)) == 1 / 64
+    assert math.isclose(float(lsd.l1(torch.tensor([0.5, 1.0]), torch.tensor([0.0, 0.0]))), 0.75)
+    labels = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 255, 255], [2, 2, 255, 255]]])
+    assert lsd.labels_for_d(labels, (2, 2)).tolist() == [[[0, 1], [2, 255]]]
+
+
+class TagDisc(torch.nn.Module):
+    """A stand-in D: the image's constant value v encodes a kind k = round(10 v); out_s is 10 on class k, 0
+    elsewhere; out_c is all zeros (uniform over C classes). Maps are 2x2 cells."""
+
+    def __init__(self, num_classes=5):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, image):
+        kind = torch.round(image[:, 0, 0, 0] * 10).long()
+        out_s = 10.0 * torch.nn.functional.one_hot(kind, 4).float()[:, :, None, None].expand(-1, -1, 2, 2)
+        return out_s, torch.zeros(image.shape[0], self.num_classes, 2, 2)
+
+
+def test_d_g_and_f_objectives_on_hand_made_maps():
+    kind = {k: torch.full((1, 3, 8, 8), k / 10) for k in range(4)}  # 0 src-real, 1 src-fake, 2 tgt-real, 3 tgt-fake
+    labels = torch.tensor([[[0, 1], [255, 3]]])
+    right = math.log(1 + 3 * math.exp(-10))  # CE when D's confident class is the asked one
+    wrong = 10 + right  # CE when it is another one
+    ratio = 4 / 64  # 2x2 cells per 8x8 image
+    disc = TagDisc(5)
+    loss_d, parts = lsd.d_objective(disc, kind[0], kind[1], labels, kind[2], kind[3])
+    for key in ("d_src_real", "d_src_fake", "d_tgt_real", "d_tgt_fake"):
+        assert math.isclose(float(parts[key]), right, rel_tol=1e-5, abs_tol=1e-6), key
+    assert math.isclose(float(parts["d_cls"]), 3 * math.log(5) / 4, rel_tol=1e-6)  # one of 4 cells ignored
+    assert math.isclose(float(loss_d), ratio * (4 * right + 3 * math.log(5) / 4), rel_tol=1e-5, abs_tol=1e-6)
+    # G's fakes are recognised as fakes: its "look real in your own domain" terms are wrong twice
+    loss_g, parts = lsd.g_objective(disc, kind[0], kind[1], labels, kind[2], kind[3], g_adv_weight=0.1, l1_weight=1.0)
+    assert math.isclose(float(parts["g_adv"]), 2 * wrong, rel_tol=1e-6)
+    assert math.isclose(float(parts["recon"]), 0.2, rel_tol=1e-5, abs_tol=1e-6)  # |0.1 - 0| + |0.3 - 0.2|
+    expected = ratio * (3 * math.log(5) / 4 + 0.1 * 2 * wrong) + 1.0 / 64 * 0.2
+    assert math.isclose(float(loss_g), expected, rel_tol=1e-5, abs_tol=1e-6)
+    # F: source fakes must look target-real, target fakes source-real (cross-domain)
+    loss_f, parts = lsd.f_adversarial(disc, kind[2], kind[0], labels, adv_weight=0.1, c_weight=0.1)
+    assert math.isclose(float(parts["adv_main"]), 2 * right, rel_tol=1e-5, abs_tol=1e-6)
+    assert math.isclose(float(loss_f), ratio * (0.1 * 2 * right + 0.1 * 3 * math.log(5) / 4), rel_tol=1e-5, abs_tol=1e-6)
+    _, parts = lsd.f_adversarial(disc, kind[0], kind[2], labels, adv_weight=0.1, c_weight=0.1)
+    assert math.isclose(float(parts["adv_main"]), 2 * wrong, rel_tol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ update rules
+def test_each_update_changes_only_its_network():
+    torch.manual_seed(0)
+    args = lsd.Args(**{**lsd.PRESETS["quick"], "gan_width": 4})
+    model = lsd.FCN8s("vgg16_small", 5)
+    gen, disc = lsd.Generator(model.embedding_channels, 4), lsd.Discriminator(5, 4)
+    nets = {"model": model, "gen": gen, "disc": disc}
+    optimizers = {"model": torch.optim.Adam(model.param_groups(1e-3, 2.0), lr=1e-3),
+                  "gen": torch.optim.Adam(gen.parameters(), lr=1e-3), "disc": torch.optim.Adam(disc.parameters(), lr=1e-3)}
+    trainable = {"model": [p for p in model.parameters() if p.requires_grad], "gen": list(gen.parameters()),
+                 "disc": list(disc.parameters())}
+    rt = types.SimpleNamespace(device=torch.device("cpu"), world=1, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                               autocast=lambda: torch.autocast("cpu", enabled=False))
+    snapshots, order = [], []
+
+    def snapshot():
+        return {name: [p.detach().clone() for p in net.state_dict().values()] for name, net in nets.items()}
+
+    for name, opt in optimizers.items():
+        def step(*a, _name=name, _step=opt.step, **k):
+            before = snapshot()
+            result = _step(*a, **k)
+            snapshots.append((_name, before, snapshot()))
+            order.append(_name)
+            return result
+        opt.step = step
+    images = torch.randint(0, 256, (2, 3, 32, 64), dtype=torch.uint8)
+    labels = torch.randint(0, 5, (2, 32, 64))
+    targets = torch.randint(0, 256, (2, 3, 32, 64), dtype=torch.uint8)
+    losses = lsd.train_step(nets, optimizers, trainable, images, labels, targets, args, rt, lambda x: x.float() / 255)
+    assert order == ["disc", "gen", "model"]  # D, then G, then F and C
+    for stepped, before, after in snapshots:
+        for name in nets:
+            same = all(torch.equal(a, b) for a, b in zip(before[name], after[name]))
+            assert same == (name != stepped), f"{stepped}'s step {'left' if same else 'changed'} {name}"
+    assert {"seg_src", "adv_main", "adv_cls", "d_main", "g_adv", "g_cls", "recon"} == set(losses)
+    fixed = [model.upscore2.weight, model.upscore8.weight]
+    assert all(torch.equal(w, lsd.bilinear_kernel(5, w.shape[-1])) for w in fixed)  # never trained
+
+
+def test_zero_adaptation_weights_train_f_on_source_only():
+    torch.manual_seed(0)
+    args = lsd.Args(**{**lsd.PRESETS["quick"], "adv_weight": 0.0, "c_weight": 0.0})
+    model = lsd.FCN8s("vgg16_small", 5)
+    gen, disc = lsd.Generator(model.embedding_channels, 4), lsd.Discriminator(5, 4)
+    nets = {"model": model, "gen": gen, "disc": disc}
+    optimizers = {name: torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+                  for name, net in nets.items()}
+    trainable = {name: [p for p in net.parameters() if p.requires_grad] for name, net in nets.items()}
+    before = {name: [p.detach().clone() for p in params] for name, params in trainable.items()}
+    rt = types.SimpleNamespace(device=torch.device("cpu"), world=1, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                               autocast=lambda: torch.autocast("cpu", enabled=False))
+    images = torch.randint(0, 256, (2, 3, 32, 64), dtype=torch.uint8)
+    losses = lsd.train_step(nets, optimizers, trainable, images, torch.randint(0, 5, (2, 32, 64)), images, args, rt,
+                            lambda x: x.float() / 255)
+    assert set(losses) == {"seg_src"}
+    for name, params in trainable.items():
+        same = all(torch.equal(a, b) for a, b in zip(before[name], params))
+        assert same == (name != "model"), name
+
+
+def test_adversarial_terms_reach_f_through_frozen_g_and_d():
+    torch.manual_seed(0)
+    model = lsd.FCN8s("vgg16_small", 5)
+    gen, disc = lsd.Generator(model.embedding_channels, 4), lsd.Discriminator(5, 4)
+    trainable = {"model": [p for p in model.parameters() if p.requires_grad], "gen": list(gen.parameters()),
+                 "disc": list(disc.parameters())}
+    lsd.train_only(trainable, "model")
+    (emb_s, _), (emb_t, _) = model(torch.rand(1, 3, 32, 64)), model(torch.rand(1, 3, 32, 64))
+    loss, _ = lsd.f_adversarial(disc, gen(emb_s, (32, 64)), gen(emb_t, (32, 64)), torch.zeros(1, 4, 8, dtype=torch.long),
+                                0.1, 0.1)
+    loss.backward()
+    assert model.fc7.weight.grad.abs().sum() > 0 and model.features[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in trainable["gen"] + trainable["disc"])
+
+
+# ---------------------------------------------------------------------------------------------------- smoke runs
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("lsd") / "straight")
+    run("--iters", 2, "--out", out)
+    return out
+
+
+def test_smoke_run_folder(straight):
+    for name in ("config.json", "metrics.jsonl", "results.json", "checkpoints/last.pt"):
+        assert os.path.isfile(os.path.join(straight, name)), name
+    assert os.listdir(os.path.join(straight, "predictions"))
+    config = json.load(open(os.path.join(straight, "config.json")))
+    assert config["script"] == "lsdseg" and set(config["params"]) == {"model", "gen", "disc"}
+    rows = [r for r in metrics(straight) if "seg_src" in r]
+    assert {"seg_src", "adv_main", "adv_cls", "d_main", "g_adv", "g_cls", "recon", "lr"} <= set(rows[-1])
+    results = json.load(open(os.path.join(straight, "results.json")))
+    assert 0 <= results["miou"] <= 100 and results["iters"] == 2
+    ckpt = torch.load(os.path.join(straight, "checkpoints", "last.pt"), weights_only=True)
+    assert {"model", "gen", "disc", "optimizer", "optimizer_g", "optimizer_d", "scaler", "rng"} <= set(ckpt)
+
+
+def test_resume_is_exact(straight, tmp_path):
+    out = str(tmp_path / "resumed")
+    run("--iters", 1, "--out", out)
+    run("--iters", 2, "--out", out, "--resume", "auto")
+    a = torch.load(os.path.join(straight, "checkpoints", "last.pt"), weights_only=True)
+    b = torch.load(os.path.join(out, "checkpoints", "last.pt"), weights_only=True)
+    assert b["iter"] == 2
+    for key in ("model", "gen", "disc"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name}"
+    for key in ("optimizer", "optimizer_g", "optimizer_d"):
+        assert torch.equal(a[key]["state"][0]["exp_avg"], b[key]["state"][0]["exp_avg"]), key
+
+
+def test_eval_only_and_foreign_checkpoint(straight, tmp_path):
+    out = str(tmp_path / "eval")
+    run("--eval-only", "--weights", os.path.join(straight, "checkpoints", "last.pt"), "--out", out)
+    assert json.load(open(os.path.join(out, "results.json")))["iters"] == 2
+    foreign = str(tmp_path / "foreign.pt")
+    torch.save({"script": "source_only", "num_classes": 8}, foreign)
+    with pytest.raises(UserError, match="written by source_only, not lsdseg"):  # what --resume/--eval-only call
+        load_checkpoint(foreign, lsd.SCRIPT, 8)
+
+
+def test_dry_run(tmp_path):
+    out = str(tmp_path / "dry")
+    run("--dry-run", "--out", out)
+    config = json.load(open(os.path.join(out, "config.json")))
+    gen = lsd.Generator(lsd.FCN8s("vgg16_small", 8).embedding_channels, 8)
+    assert config["params"]["gen"]["trainable"] == sum(p.numel() for p in gen.parameters())
+    assert config["params"]["model"]["trainable"] < config["params"]["model"]["total"]  # fixed deconvolutions
+    assert not os.path.exists(os.path.join(out, "metrics.jsonl"))
+
+
+def test_torchrun_two_processes(tmp_path):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "lsdseg.py"]
+    run("--iters", 2, "--batch-size", 2, "--out", out, cmd=cmd)
+    assert json.load(open(os.path.join(out, "config.json")))["args"]["world_size"] == 2
+    assert os.path.isfile(os.path.join(out, "results.json"))

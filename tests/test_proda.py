@@ -1,0 +1,285 @@
+"""proda.py: prototypes, losses and warps on hand-made tensors; shared blocks identical to source_only.py and
+adaptsegnet.py; smoke runs of every stage (quick preset, 32x64 toy frames, 1-2 iterations per stage, 2 eval
+images), resume within and between stages, and a 2-process torchrun run."""
+import importlib
+import inspect
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+proda = importlib.import_module("proda")
+source_only = importlib.import_module("source_only")
+adaptsegnet = importlib.import_module("adaptsegnet")
+from common.cli import field_docs  # noqa: E402
+
+TINY = ["--preset", "quick", "--eval-limit", "2", "--num-workers", "0", "--batch-size", "2", "--log-every", "1",
+        "--source-size", "32", "64", "--target-size", "32", "64", "--crop-size", "32", "64", "--eval-size", "32",
+        "64", "--num-predictions", "1", "--target-limit", "4", "--poly-horizon", "10", "--warmup-poly-horizon", "10",
+        "--warmup-iters", "2", "--iters", "2", "--checkpoint-every", "1"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def run(*args, cmd=None, check=True):
+    cmd = cmd or [sys.executable, "proda.py"]
+    proc = subprocess.run([*cmd, *TINY, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=ENV)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------- units
+def test_prototype_ema_update():
+    protos = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]])
+    m = 0.1
+    sums = torch.tensor([[2.0, 4.0], [0.0, 0.0], [6.0, 6.0]])  # class 2: two image means, both (3, 3)
+    counts = torch.tensor([1.0, 0.0, 2.0])
+    new = proda.update_prototypes(protos, sums, counts, m)
+    assert torch.allclose(new[0], torch.tensor([0.2, 0.4]))  # (1 - m) * 0 + m * (2, 4)
+    assert torch.equal(new[1], protos[1])  # no image of class 1: unchanged
+    sequential = protos[2]
+    for _ in range(2):  # the official one-after-another update with the same vector twice
+        sequential = (1 - m) * sequential + m * torch.tensor([3.0, 3.0])
+    assert torch.allclose(new[2], sequential)
+
+
+def test_class_feature_sums_image_weighted_and_min_pixels():
+    feat = torch.zeros(2, 2, 2, 3)
+    feat[0, 0] = torch.tensor([[1.0, 1.0, 1.0], [3.0, 3.0, 3.0]])
+    feat[1, 0] = 10.0
+    labels = torch.tensor([[[0, 0, 0], [0, 0, 1]], [[0, 0, 0], [255, 255, 255]]])
+    sums, counts = proda.class_feature_sums(feat, labels, num_classes=2, min_pixels=3)
+    # image 0 class 0: 5 px, mean of channel 0 = (1+1+1+3+3)/5 = 1.8; image 1 class 0: 3 px, mean 10 (255 ignored)
+    assert counts.tolist() == [2.0, 0.0]  # class 1 has a single pixel < 3
+    assert sums[0, 0].item() == pytest.approx(11.8)
+    assert sums[1].abs().sum() == 0
+
+
+def test_prototype_weights_and_denoising():
+    protos = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    feat = torch.tensor([0.0, 0.0]).view(1, 2, 1, 1)  # distances 0 and 5
+    w = proda.prototype_weights(feat, protos, temperature=1.0)
+    want = torch.tensor([1.0, math.exp(-5.0)]) / (1 + math.exp(-5.0))
+    assert torch.allclose(w.flatten(), want, atol=1e-5)
+    w2 = proda.prototype_weights(feat, protos, temperature=5.0)
+    assert w2[0, 1].item() == pytest.approx(math.exp(-1) / (1 + math.exp(-1)), abs=1e-5)
+    soft = torch.tensor([0.3, 0.7]).view(1, 2, 1, 1)  # the soft label prefers class 1, the prototypes class 0
+    assert proda.denoise_labels(soft, w, torch.ones(1, 1, 1, dtype=torch.bool)).item() == 0
+    assert proda.denoise_labels(soft, w, torch.zeros(1, 1, 1, dtype=torch.bool)).item() == 255
+
+
+def test_sce_loss_hand_computed():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]]).t().reshape(1, 2, 2, 1)  # pixel 0: (2, 0), pixel 1: (0, 0)
+    labels = torch.tensor([[[0], [255]]])
+    p = math.exp(2) / (1 + math.exp(2))
+    ce = -math.log(p)
+    rce = -math.log(1e-4) * (1 - p)  # = 9.21 * (1 - p_y)
+    assert proda.sce_loss(logits, labels, 0.1, 1.0).item() == pytest.approx(0.1 * ce + rce, rel=1e-5)
+    assert proda.sce_loss(logits, labels, 1.0, 0.0).item() == pytest.approx(ce, rel=1e-5)
+
+
+def test_regular_loss_uniform_is_log_c():
+    assert proda.regular_loss(torch.zeros(2, 4, 3, 3)).item() == pytest.approx(math.log(4))
+
+
+def test_consistency_kl():
+    protos = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    feat = torch.zeros(1, 2, 1, 2)
+    z_s = proda.prototype_weights(feat, protos, 1.0)
+    keep = torch.tensor([[[True, False]]])
+    assert proda.consistency_loss(feat, z_s, protos, 1.0, keep).item() == pytest.approx(0.0, abs=1e-6)
+    teacher = torch.tensor([0.5, 0.5]).view(1, 2, 1, 1).expand(1, 2, 1, 2)
+    zs = z_s[0, :, 0, 0]
+    want = sum(0.5 * (math.log(0.5) - math.log(zs[k].item())) for k in range(2)) / 2  # mean over C (official)
+    assert proda.consistency_loss(feat, teacher, protos, 1.0, keep).item() == pytest.approx(want, rel=1e-4)
+
+
+def test_kd_loss_correct_and_legacy():
+    student = torch.tensor([1.0, 0.0, -1.0]).view(1, 3, 1, 1)
+    teacher = torch.tensor([0.0, 2.0, 0.0]).view(1, 3, 1, 1)
+    ps, pt = student.softmax(1).flatten(), teacher.softmax(1).flatten()
+    correct = sum(pt[k] * (pt[k].log() - ps[k].log()) for k in range(3)).item()
+    legacy = sum(pt[k] * (pt[k].log() - ps[k]) for k in range(3)).item() / 3  # softmax where log-softmax belongs
+    assert proda.kd_loss(student, teacher).item() == pytest.approx(correct, rel=1e-5)
+    assert proda.kd_loss(student, teacher, legacy=True).item() == pytest.approx(legacy, rel=1e-5)
+    assert proda.kd_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def geometry(sy=1.0, sx=1.0, y0=0, x0=0, ch=4, cw=8, flip=0, strong_flip=0, cut=(0, 0, 0, 0), full=(4, 8)):
+    return torch.tensor([[sy, sx, y0, x0, ch, cw, flip, strong_flip, *cut, *full]], dtype=torch.float32)
+
+
+def test_full_to_view_identity_flip_crop_and_padding():
+    maps = torch.arange(32.0).view(1, 1, 4, 8)
+    out, valid = proda.full_to_view(maps, geometry(), (4, 8), mode="nearest")
+    assert torch.equal(out, maps) and valid.all()
+    out, _ = proda.full_to_view(maps, geometry(flip=1), (4, 8), mode="nearest")
+    assert torch.equal(out, maps.flip(-1))
+    # scaled x2 (8x16), crop 4x8 at (2, 4): full-frame rows 1-2, columns 2-5, each pixel twice
+    out, valid = proda.full_to_view(maps, geometry(2.0, 2.0, 2, 4, full=(4, 8)), (2, 4), mode="nearest")
+    assert torch.equal(out[0, 0], maps[0, 0, 1:3, 2:6]) and valid.all()
+    # scaled x0.5 (2x4) into a 4x8 crop: only the top-left quarter comes from the frame
+    out, valid = proda.full_to_view(maps, geometry(0.5, 0.5), (4, 8), mode="nearest")
+    assert valid[0, :2, :4].all() and not valid[0, 2:].any() and not valid[0, :, 4:].any()
+
+
+def test_weak_to_strong_flip_and_cutout():
+    maps = torch.arange(8.0).view(1, 1, 2, 4)
+    keep = torch.ones(1, 2, 4, dtype=torch.bool)
+    out, kept = proda.weak_to_strong(maps, keep, geometry(ch=2, cw=4, strong_flip=1, cut=(0, 0, 1, 2)))
+    assert torch.equal(out, maps.flip(-1))
+    assert kept.tolist() == [[[False, False, True, True], [True, True, True, True]]]
+
+
+def test_target_views_shapes_and_geometry():
+    from common.data import domain_split
+    views = proda.TargetViews(domain_split("toy-real", "train", labelled=False), (32, 64), (16, 32), [0.5, 1.5],
+                              limit=3)
+    full, weak, strong, geom, index = views[(1, 123)]
+    assert len(views) == 3 and index == 1
+    assert full.shape == (3, 32, 64) and weak.shape == strong.shape == (3, 16, 32) and full.dtype == torch.uint8
+    assert geom[12:].tolist() == [32, 64] and geom[4:6].tolist() == [16, 32]
+    cy0, cx0, cy1, cx1 = geom[8:12].long().tolist()
+    assert (strong[:, cy0:cy1, cx0:cx1] == 127).all()  # the always-on Cutout
+
+
+def test_ema_update_rule():
+    model, ema = torch.nn.BatchNorm2d(2), torch.nn.BatchNorm2d(2)
+    with torch.no_grad():
+        model.weight.fill_(1.0), ema.weight.fill_(0.0), model.running_mean.fill_(5.0)
+    proda.ema_update(ema, model, 0.9)
+    assert torch.allclose(ema.weight, torch.full((2,), 0.1))  # 0.9 * 0 + 0.1 * 1
+    assert torch.equal(ema.running_mean, model.running_mean)  # buffers copied
+
+
+def test_network_shapes_and_bn_modes():
+    net = proda.ProDANet("resnet18", 8, trainable_bn=False)
+    feat, logits = net(torch.rand(2, 3, 64, 128))
+    assert feat.shape == (2, 256, 9, 17) and logits.shape == (2, 8, 9, 17)  # output stride 8, ceil-mode pool
+    assert net.head.classifier.bias is None
+    assert not any(m.weight.requires_grad for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    trainable = proda.ProDANet("resnet18", 8, trainable_bn=True)
+    assert all(m.weight.requires_grad for m in trainable.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    heads = {id(p) for p in trainable.param_groups(1.0, 10.0)[1]["params"]}
+    assert {id(p) for p in trainable.head.parameters()} == heads
+
+
+def test_shared_blocks_identical():
+    for name in ("BasicBlock", "Bottleneck", "ASPP", "DeepLabV2", "load_init", "seg_loss", "poly_lr", "set_lr"):
+        assert inspect.getsource(getattr(proda, name)) == inspect.getsource(getattr(source_only, name)), name
+    assert {k: (b.__name__, n) for k, (b, n) in proda.RESNETS.items()} == {
+        k: (b.__name__, n) for k, (b, n) in source_only.RESNETS.items()}
+    for name in ("FCDiscriminator", "gan_loss", "discriminator_loss", "generator_loss", "set_requires_grad",
+                 "softmax_at"):
+        assert inspect.getsource(getattr(proda, name)) == inspect.getsource(getattr(adaptsegnet, name)), name
+    docs, base_docs = field_docs(proda.Args), field_docs(source_only.Args)
+    assert all(docs[k] == v for k, v in base_docs.items())
+
+
+def test_every_field_has_help():
+    docs = field_docs(proda.Args)
+    for f in proda.Args.__dataclass_fields__.values():
+        if not f.metadata.get("runtime"):
+            assert docs.get(f.name), f.name
+
+
+# ---------------------------------------------------------------------------------------------- runs
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """One uninterrupted run of every stage (2 warm-up + 3 x 2 stage iterations)."""
+    out = str(tmp_path_factory.mktemp("proda") / "all")
+    run("--out", out)
+    return out
+
+
+def test_run_folder(full_run):
+    for name in ("config.json", "results.json", "checkpoints/last.pt"):
+        assert os.path.isfile(os.path.join(full_run, name)), name
+    assert os.listdir(os.path.join(full_run, "predictions"))
+    keys = {"warmup": {"seg_src", "adv_main", "d_main"}, "stage1": {"seg_src", "sce", "proto_kl", "reg"},
+            "stage2": {"seg_src", "seg_tgt", "kd"}, "stage3": {"seg_src", "seg_tgt", "kd"}}
+    for stage, want in keys.items():
+        with open(os.path.join(full_run, stage, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        assert want <= set(rows[0]) and all(math.isfinite(rows[0][k]) for k in want), stage
+        with open(os.path.join(full_run, stage, "results.json")) as f:
+            assert json.load(f)["stage"] == stage
+    with open(os.path.join(full_run, "results.json")) as f:
+        top = json.load(f)
+    assert top["stage"] == "stage3" and top["total_iters"] == 8 and 0 <= top["miou"] <= 100
+    assert load(os.path.join(full_run, "checkpoints", "last.pt"))["stage"] == "stage3"
+
+
+def test_stored_pseudo_labels(full_run):
+    soft = np.load(os.path.join(full_run, "stage1", "pseudo", "soft.npy"), mmap_mode="r")
+    assert soft.dtype == np.float16 and soft.shape == (4, 8, 5, 9)  # stride 8 of 32x64 (ceil-mode pool)
+    assert np.allclose(np.asarray(soft, np.float32).sum(1), 1.0, atol=1e-2)
+    labels = np.load(os.path.join(full_run, "stage2", "pseudo", "labels.npy"), mmap_mode="r")
+    conf = np.load(os.path.join(full_run, "stage2", "pseudo", "conf.npy"), mmap_mode="r")
+    assert labels.dtype == np.uint8 and conf.dtype == np.float16 and labels.shape == conf.shape == (4, 8, 16)
+    assert labels.max() < 8 and (np.asarray(conf) > 0).all()
+
+
+def test_update_rules_in_checkpoints(full_run):
+    warm = load(os.path.join(full_run, "warmup", "checkpoints", "last.pt"))
+    stage1 = load(os.path.join(full_run, "stage1", "checkpoints", "last.pt"))
+    stage2 = load(os.path.join(full_run, "stage2", "checkpoints", "last.pt"))
+    # warm-up: BN affine frozen at its init (weight 1, bias 0); stage 1 trains it
+    assert torch.equal(warm["model"]["bn1.weight"], torch.ones(64))
+    assert not torch.equal(stage1["model"]["bn1.weight"], warm["model"]["bn1.weight"])
+    assert not torch.equal(stage1["model"]["conv1.weight"], warm["model"]["conv1.weight"])
+    # EMA between warm-up and student, prototypes moved away from their warm-up init
+    ema, student, start = (stage1["ema"]["conv1.weight"], stage1["model"]["conv1.weight"],
+                           warm["model"]["conv1.weight"])
+    assert not torch.equal(ema, student) and not torch.equal(ema, start)
+    init = load(os.path.join(full_run, "stage1", "pseudo", "prototypes.pt"))
+    assert stage1["prototypes"].shape == (8, 256) and not torch.equal(stage1["prototypes"], init)
+    # stage 2 (quick: student starts from the teacher) trains the student
+    assert not torch.equal(stage2["model"]["conv1.weight"], stage1["model"]["conv1.weight"])
+
+
+def test_resume_within_and_between_stages(full_run, tmp_path):
+    out = str(tmp_path / "split")
+    run("--out", out, "--stage", "warmup")
+    run("--out", out, "--stage", "stage1", "--iters", "1")  # stage 1 stops after 1 of 2 iterations
+    proc = run("--out", out, "--resume", "auto")  # resumes stage 1 at 1, then stages 2 and 3 read their inputs
+    assert "resumed stage1" in proc.stdout + proc.stderr
+    for stage in ("stage1", "stage3"):
+        a = load(os.path.join(full_run, stage, "checkpoints", "last.pt"))
+        b = load(os.path.join(out, stage, "checkpoints", "last.pt"))
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), (stage, k)
+    for name in ("labels.npy", "conf.npy"):  # stage 2's inputs come from the (resumed) stage 1
+        assert np.array_equal(np.load(os.path.join(full_run, "stage2", "pseudo", name)),
+                              np.load(os.path.join(out, "stage2", "pseudo", name)))
+
+
+def test_dry_run(tmp_path):
+    out = str(tmp_path / "dry")
+    run("--out", out, "--dry-run")
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    assert config["script"] == "proda" and {"model", "disc_main", "ema", "teacher", "student"} <= set(config["params"])
+    assert config["stages"] == ["warmup", "stage1", "stage2", "stage3"]
+
+
+def test_torchrun_two_processes(tmp_path):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "proda.py"]
+    proc = run("--out", out, "--warmup-iters", "1", "--iters", "1", cmd=cmd)
+    assert "prototypes and EMA weights: identical on all 2 ranks" in proc.stdout + proc.stderr
+    with open(os.path.join(out, "results.json")) as f:
+        assert json.load(f)["stage"] == "stage3"
