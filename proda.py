@@ -44,6 +44,10 @@ Deviations from the official code:
   supported: give a converted file as PATH without bn_clr). `--preset quick` uses `teacher` (stage-1 weights),
   since a random-init student cannot learn anything in 80 CPU iterations, and so a stage-2/3 lr of 5e-4
   (2.5e-3, the warm-up's, wrecked the teacher-initialised student: benchmarks/proda.md).
+- `--preset quick` also freezes the student's BN in stages 2/3 (`--freeze-bn-stages stage2 stage3`, ProDA's own
+  `--freeze_bn` switch, which its README commands do not use): the trainable BN of stages 2/3 sees only source
+  crops and strong target views, and on the toy pair, whose domains differ mostly in colour statistics, those
+  running statistics alone cost ~15 mIoU (benchmarks/proda.md). `--preset paper` trains BN as the README does.
 - Source frames get the same scale/crop/flip as the weak target view, relative to --source-size (ProDA
   rescales the native GTA5 frames).
 - `--iters` is the length of each adaptation stage (paper ~62.4k), `--warmup-iters` the warm-up's;
@@ -92,7 +96,7 @@ class Args:
     init: str = "imagenet"
     """imagenet (torchvision weights), none (random) or a local file (DeepLab init .pth or our checkpoint)"""
     iters: int = 62400
-    """training iterations (paper: 150k)"""
+    """training iterations of each of stages 1, 2 and 3 (ProDA: ~62.4k; the warm-up: --warmup-iters)"""
     batch_size: int = 4
     """global source batch, split over torchrun processes (paper: 1)"""
     crop_size: Optional[list[int]] = field(default_factory=lambda: [512, 896])
@@ -207,6 +211,10 @@ class Args:
     """reproduce the official KD bug: KL on the student's softmax instead of its log-softmax (paper numbers: on)"""
     student_init: str = "init"
     """stage-2 student start: init (the --init weights), teacher (stage-1 weights) or a file (paper: SimCLRv2)"""
+    freeze_bn_stages: list[str] = field(default_factory=list)
+    """stages 2/3 whose student keeps its BN in eval mode with frozen affine: the running statistics it starts
+    with never change; repeat the flag per stage, none for no stage (ProDA's --freeze_bn, which its README's
+    commands do not pass; quick: stage2 and stage3, benchmarks/proda.md)"""
 
     # to be filled in runtime
     world_size: int = field(default=0, metadata={"runtime": True})
@@ -220,7 +228,7 @@ PRESETS = {
                   seed=0, source_size=[96, 192], target_size=[96, 192],
                   # method-specific: 160 warm-up + 3 x 80 stage iterations = source_only's 400
                   warmup_iters=160, warmup_poly_horizon=160, crop_size=[64, 128], target_limit=400,
-                  stage1_lr=0.001, distill_lr=0.0005, student_init="teacher"),
+                  stage1_lr=0.001, distill_lr=0.0005, student_init="teacher", freeze_bn_stages=["stage2", "stage3"]),
 }
 
 
@@ -484,10 +492,11 @@ class ProDAHead(nn.Module):
 
 class ProDANet(DeepLabV2):
     """The shared DeepLab-v2 backbone with ProDA's head; forward returns (256-d features, logits), both at
-    stride 8. trainable_bn: BN affine trained (stages 1-3, SyncBN in the paper); warm-up keeps it frozen."""
+    stride 8. trainable_bn: BN affine trained (stages 1-3, SyncBN in the paper); warm-up keeps it frozen.
+    bn_mode eval: BN always normalises with its running statistics, which never change (--freeze-bn-stages)."""
 
-    def __init__(self, backbone="resnet101", num_classes=19, trainable_bn=False):
-        super().__init__(backbone, num_classes, multi_level=False)
+    def __init__(self, backbone="resnet101", num_classes=19, trainable_bn=False, bn_mode="train"):
+        super().__init__(backbone, num_classes, multi_level=False, bn_mode=bn_mode)
         self.head = ProDAHead(512 * RESNETS[backbone][0].expansion, num_classes)
         for m in self.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -709,11 +718,15 @@ def main():
     channels_last = torch.channels_last if rt.channels_last else torch.preserve_format
 
     # ALGO LOGIC: networks and optimisers (the dry run builds every stage's)
-    def build_net(trainable_bn):
-        net = ProDANet(args.backbone, num_classes, trainable_bn)
+    if not set(args.freeze_bn_stages) <= {"stage2", "stage3", "none"}:
+        raise UserError(f"--freeze-bn-stages {args.freeze_bn_stages}: use stage2, stage3 or none")
+
+    def build_net(trainable_bn, frozen_bn=False):
+        trainable_bn = trainable_bn and not frozen_bn
+        net = ProDANet(args.backbone, num_classes, trainable_bn, "eval" if frozen_bn else "train")
         if rt.distributed and rt.device.type == "cuda" and trainable_bn:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # ProDA: SyncBN in stages 1-3 (gloo/CPU: per rank)
-        return net.to(rt.device, memory_format=channels_last)
+        return net.to(rt.device, memory_format=channels_last).train()  # train(): applies bn_mode eval
 
     def sgd(net, lr, head_lr_mult):
         return torch.optim.SGD(net.param_groups(lr, head_lr_mult), lr=lr, momentum=args.momentum,
@@ -1068,7 +1081,7 @@ def main():
         teacher.eval()  # the KD teacher: frozen, eval mode
         labels_rows, conf_rows = prepare_hard_labels(teacher, norm, log.path(stage, "pseudo"))
         teacher.eval()
-        student = build_net(True)
+        student = build_net(True, frozen_bn=stage in args.freeze_bn_stages)
         if stage == "stage3" or args.student_init == "teacher":
             load_weights(unwrap(student), prev["model"])
         else:  # stage 2: a fresh student (paper: SimCLRv2 R101 via a PATH; default the --init weights)

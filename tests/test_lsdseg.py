@@ -46,6 +46,9 @@ def test_every_field_has_help_and_quick_mirrors_source_only():
     for key in ("source", "target", "init", "iters", "batch_size", "eval_every", "checkpoint_every", "num_workers",
                 "log_every", "poly_horizon", "seed", "source_size", "target_size"):
         assert lsd.PRESETS["quick"][key] == so.PRESETS["quick"][key], key
+    # the quick preset scales F's adaptation weights 10x (header), the paper's stay the published 0.1
+    assert (lsd.PRESETS["quick"]["adv_weight"], lsd.PRESETS["quick"]["c_weight"]) == (1.0, 1.0)
+    assert (lsd.Args().adv_weight, lsd.Args().c_weight, lsd.Args().g_adv_weight) == (0.1, 0.1, 0.1)
 
 
 def test_shared_blocks_identical_to_source_only():

@@ -177,6 +177,26 @@ def test_network_shapes_and_bn_modes():
     assert {id(p) for p in trainable.head.parameters()} == heads
 
 
+def test_frozen_bn_keeps_running_statistics():
+    """--freeze-bn-stages: in train mode the student normalises with its running statistics and never
+    updates them, and its BN affine is not trainable; the default student updates both."""
+    frozen = proda.ProDANet("resnet18", 8, trainable_bn=False, bn_mode="eval").train()
+    free = proda.ProDANet("resnet18", 8, trainable_bn=True).train()
+    free.load_state_dict(frozen.state_dict())
+    before = {k: v.clone() for k, v in frozen.state_dict().items() if "running" in k}
+    x = torch.rand(2, 3, 32, 64) * 5 + 3  # far from the init statistics (mean 0, var 1)
+    frozen(x), free(x)
+    after = frozen.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not torch.equal(free.bn1.running_mean, before["bn1.running_mean"])
+    assert not any(m.weight.requires_grad for m in frozen.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    for m in frozen.modules():  # only BN may differ between the modes: switch the head's dropout off
+        if isinstance(m, (torch.nn.Dropout, torch.nn.Dropout2d)):
+            m.eval()
+    with torch.no_grad():  # train-mode output equals eval-mode output: no batch statistics are used
+        assert torch.allclose(frozen(x)[1], frozen.eval()(x)[1])
+
+
 def test_shared_blocks_identical():
     for name in ("BasicBlock", "Bottleneck", "ASPP", "DeepLabV2", "load_init", "seg_loss", "poly_lr", "set_lr"):
         assert inspect.getsource(getattr(proda, name)) == inspect.getsource(getattr(source_only, name)), name
@@ -186,7 +206,8 @@ def test_shared_blocks_identical():
                  "softmax_at"):
         assert inspect.getsource(getattr(proda, name)) == inspect.getsource(getattr(adaptsegnet, name)), name
     docs, base_docs = field_docs(proda.Args), field_docs(source_only.Args)
-    assert all(docs[k] == v for k, v in base_docs.items())
+    # all help lines equal source_only.py's except --iters, which here means the length of each stage
+    assert all(docs[k] == v for k, v in base_docs.items() if k != "iters")
 
 
 def test_every_field_has_help():
@@ -247,8 +268,24 @@ def test_update_rules_in_checkpoints(full_run):
     assert not torch.equal(ema, student) and not torch.equal(ema, start)
     init = load(os.path.join(full_run, "stage1", "pseudo", "prototypes.pt"))
     assert stage1["prototypes"].shape == (8, 256) and not torch.equal(stage1["prototypes"], init)
-    # stage 2 (quick: student starts from the teacher) trains the student
+    # stage 2 (quick: student starts from the teacher, BN frozen) trains the student's convolutions only
     assert not torch.equal(stage2["model"]["conv1.weight"], stage1["model"]["conv1.weight"])
+    for k in ("bn1.weight", "bn1.running_mean", "bn1.running_var", "layer4.1.bn2.running_mean"):
+        assert torch.equal(stage2["model"][k], stage1["model"][k]), k
+
+
+def test_freeze_bn_stages_none_trains_bn(tmp_path):
+    """`--freeze-bn-stages none` is the official default: stage 2's student updates its BN statistics."""
+    out = str(tmp_path / "free")
+    run("--out", out, "--warmup-iters", "1", "--iters", "1", "--freeze-bn-stages", "none", "--stage", "warmup")
+    run("--out", out, "--warmup-iters", "1", "--iters", "1", "--freeze-bn-stages", "none", "--stage", "stage1")
+    run("--out", out, "--warmup-iters", "1", "--iters", "1", "--freeze-bn-stages", "none", "--stage", "stage2")
+    stage1 = load(os.path.join(out, "stage1", "checkpoints", "last.pt"))["model"]
+    stage2 = load(os.path.join(out, "stage2", "checkpoints", "last.pt"))["model"]
+    assert not torch.equal(stage2["bn1.running_mean"], stage1["bn1.running_mean"])
+    assert not torch.equal(stage2["bn1.weight"], stage1["bn1.weight"])
+    bad = run("--out", out, "--freeze-bn-stages", "stage1", check=False)
+    assert bad.returncode == 2 and "error:" in bad.stderr + bad.stdout
 
 
 def test_resume_within_and_between_stages(full_run, tmp_path):
