@@ -63,9 +63,10 @@ Deviations from the official code:
   width 8 (`--gan-width`, official 64) from random init (`--init none`), Adam 3e-4 for F and C (1e-5 is meant
   for fine-tuning ImageNet weights), no crop, evaluation at the training size (benchmarks/lsdseg.md), and
   10x the published weights of F's adaptation terms (`--adv-weight 1 --c-weight 1`): with the official
-  reduction the published 0.1 gives F an adaptation gradient of ~2 % of its segmentation gradient, too small
-  to act within 400 iterations; 10x gives ~20 %, the band adaptsegnet.py's quick preset uses (measured in
-  benchmarks/lsdseg.md). G's weights stay the published ones. `--preset paper` keeps 0.1 / 0.1.
+  reduction the published 0.1 gives F an adaptation gradient of 0.6-2 % of its segmentation gradient, too
+  small to act within 400 iterations; 10x gives 6-20 %, the band adaptsegnet.py's quick preset uses
+  (benchmarks/lsdseg_grad_ratio.py, benchmarks/lsdseg.md). G's weights stay the published ones.
+  `--preset paper` keeps 0.1 / 0.1.
 `--adv-weight 0 --c-weight 0` trains the same F + C on source only (G and D are skipped).
 Docs: README.md, section "Methods"; benchmarks/lsdseg.md.
 """

@@ -91,6 +91,20 @@ def test_compare_two_methods_writes_report_and_does_not_rerun(tmp_path):
     assert mtimes == {n: os.path.getmtime(root / n / "seed0" / "results.json") for n in results}
     assert table_rows((report / "table.md").read_text()) == rows
 
+    # benchmarks/class_fractions.py on the same two runs: the truth row is the label share of the scored
+    # val images, and each row's shares sum to 100
+    shares = run_script("benchmarks/class_fractions.py", f"so={root / 'source_only' / 'seed0'}",
+                        f"or={root / 'oracle' / 'seed0'}", "--limit", "2", timeout=300, env={"OMP_NUM_THREADS": "1"})
+    assert shares.returncode == 0, shares.stderr[-3000:]
+    table = {line.split("|")[1].strip(): [float(v) for v in line.strip().strip("|").split("|")[1:]]
+             for line in shares.stdout.splitlines() if line.startswith("| ") and "pixels" not in line}
+    assert set(table) == {"source train labels", "target val labels", "so", "or"}
+    from common.data import domain_split
+    val = domain_split("toy-real", "val")
+    counts = sum(np.bincount(val.load_label(i).ravel(), minlength=256)[:8] for i in range(2))
+    assert np.allclose(table["target val labels"], 100 * counts / counts.sum(), atol=0.051)
+    assert all(abs(sum(row) - 100) < 0.5 for row in table.values())
+
 
 def test_step_time_leaves_out_startup_and_evaluations(tmp_path):
     path = tmp_path / "metrics.jsonl"

@@ -245,6 +245,17 @@ def test_smoke_run_folder(straight):
     assert {"model", "gen", "disc", "optimizer", "optimizer_g", "optimizer_d", "scaler", "rng"} <= set(ckpt)
 
 
+def test_grad_ratio_probe(straight):
+    """benchmarks/lsdseg_grad_ratio.py: finite norms, and the adaptation gradient is linear in the weights."""
+    result = run_script("benchmarks/lsdseg_grad_ratio.py", os.path.join(straight, "checkpoints", "last.pt"),
+                        "--frames", "2", check=True, env={"OMP_NUM_THREADS": "1"})
+    seg = float(result.stdout.split("segmentation CE gradient norm: ")[1].split()[0])
+    norms = [float(line.split(": ")[1].split()[0]) for line in result.stdout.splitlines()
+             if line.startswith("adaptation gradient norm")]
+    assert seg > 0 and math.isfinite(seg) and len(norms) == 3 and norms[0] > 0
+    assert norms[1] == pytest.approx(10 * norms[0], rel=2e-3) and norms[2] == pytest.approx(100 * norms[0], rel=2e-3)
+
+
 def test_resume_is_exact(straight, tmp_path):
     out = str(tmp_path / "resumed")
     run("--iters", 1, "--out", out)
