@@ -47,7 +47,7 @@ Deviations from the official code:
 - `--preset quick` also freezes the student's BN in stages 2/3 (`--freeze-bn-stages stage2 stage3`, ProDA's own
   `--freeze_bn` switch, which its README commands do not use): the trainable BN of stages 2/3 sees only source
   crops and strong target views, and on the toy pair, whose domains differ mostly in colour statistics, those
-  running statistics alone cost ~15 mIoU (benchmarks/proda.md). `--preset paper` trains BN as the README does.
+  running statistics alone cost 12-14 mIoU (benchmarks/proda.md). `--preset paper` trains BN as the README does.
 - Source frames get the same scale/crop/flip as the weak target view, relative to --source-size (ProDA
   rescales the native GTA5 frames).
 - `--iters` is the length of each adaptation stage (paper ~62.4k), `--warmup-iters` the warm-up's;
