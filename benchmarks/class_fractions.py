@@ -1,11 +1,10 @@
 """Which share of the target pixels does a model give each class, against the truth and the source labels?
 
-    python benchmarks/class_fractions.py RUN [RUN ...] [--labels NAME=RUN ...]
+    python benchmarks/class_fractions.py [NAME=]RUN [[NAME=]RUN ...] [--limit N]
 
-RUN: a finished run folder (or a checkpoint) of source_only.py, adaptsegnet.py, advent.py or fcn_wild.py
-(networks whose forward returns (aux or features, logits)). For each, the script's own network is rebuilt from the checkpoint's args and
-scored on the target val split as the script's evaluation does; the columns are the predicted pixel share
-per class (the confusion matrix's column sums), beside the true target val share (row sums) and the share
+RUN: a finished run folder (or a checkpoint) of source_only.py, adaptsegnet.py, advent.py or fcn_wild.py;
+NAME labels its row. For each, the script's own network is rebuilt from the checkpoint's args and scored on
+the target val split as the script's evaluation does; the columns are the predicted pixel share per class (the confusion matrix's column sums), beside the true target val share (row sums) and the share
 of the source train labels. Output-space alignment pushes the predicted shares toward the source's; where
 the domains' label distributions differ (toy-real has more building and less vegetation than toy-synth),
 that is the wrong direction (benchmarks/adaptsegnet.md).
@@ -36,7 +35,11 @@ def predicted_and_true(ckpt, limit):
     else:
         net = script.DeepLabV2(args["backbone"], ckpt["num_classes"], args.get("multi_level", False),
                                args.get("aspp_branches", 4))
-    net.load_state_dict(ckpt["model"])
+    try:
+        net.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        raise SystemExit(f"error: {ckpt['script']}.py checkpoints are not supported (its network is not the "
+                         "plain DeepLab-v2 or the FCN front-end)") from None
     net.eval()
     _, _, pred_map = class_setup(args["source"], args["target"], args.get("synthia_classes", 19))
     val = domain_split(args["target"], "val", args["data_root"])
@@ -50,7 +53,7 @@ def predicted_and_true(ckpt, limit):
 
 
 def source_share(args, num_classes, limit=400):
-    split = domain_split(args["source"], "train", args["data_root"])
+    split = domain_split(args["source"], "train", args["data_root"], synthia_classes=args.get("synthia_classes", 19))
     counts = np.zeros(num_classes)
     for i in range(min(limit, len(split))):
         label = split.load_label(i)

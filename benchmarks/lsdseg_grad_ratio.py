@@ -23,10 +23,9 @@ import lsdseg as lsd  # noqa: E402
 from common.data import domain_split, normalize, resize_pair  # noqa: E402
 
 
-def frames(name, size, n, labelled):
-    split = domain_split(name, "train", labelled=labelled)
-    pairs = [resize_pair(*split.load(i, labelled), size)
-             for i in range(n)]
+def frames(name, data_root, size, n, labelled):
+    split = domain_split(name, "train", data_root, labelled=labelled)
+    pairs = [resize_pair(*split.load(i, labelled), size) for i in range(n)]
     images = torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2).contiguous()
     labels = torch.from_numpy(np.stack([p[1] for p in pairs])).long() if labelled else None
     return images, labels
@@ -47,9 +46,9 @@ def main():
     model.load_state_dict(ckpt["model"]), gen.load_state_dict(ckpt["gen"]), disc.load_state_dict(ckpt["disc"])
     model.train(), gen.train(), disc.train()
     gen.requires_grad_(False), disc.requires_grad_(False)
-    size = args["target_size"]
-    images, labels = frames(args["source"], args["source_size"] or size, a.frames, True)
-    target_images, _ = frames(args["target"], size, a.frames, False)
+    size = args["target_size"] or domain_split(args["target"], "train", args["data_root"], labelled=False).paper_size
+    images, labels = frames(args["source"], args["data_root"], args["source_size"] or size, a.frames, True)
+    target_images, _ = frames(args["target"], args["data_root"], size, a.frames, False)
     params = [q for q in model.parameters() if q.requires_grad]
     torch.manual_seed(a.seed)
     (emb_s, scores_s), (emb_t, _) = model(normalize(images, ckpt["normalization"])), model(
