@@ -108,7 +108,7 @@ class DomainSplit:
             if not self.resize_label_to_image:
                 raise UserError(f"label {self.labels[i]} is {label.shape[1]}x{label.shape[0]} but its image is "
                                 f"{image.shape[1]}x{image.shape[0]}")
-            label = np.asarray(Image.fromarray(label).resize(image.shape[1::-1], Image.NEAREST))
+            label = resize_label(label, image.shape[:2])
         return image, label
 
     def load_label(self, i) -> np.ndarray:
@@ -322,17 +322,63 @@ def class_setup(source, target, synthia_classes=19):
 
 # ----------------------------------------------------------------------------------------------------
 # Transforms (numpy/PIL on the host; all randomness from a per-sample generator)
-def resize_pair(image, label, size, keep_ratio=False):
-    """Resize to size=(H, W) (bicubic image, nearest label); keep_ratio: largest size fitting in the box."""
+INTERPOLATIONS = ("bicubic", "bilinear", "lanczos", "cv2-bilinear")
+
+
+def resize_image(image, size, interpolation="bicubic"):
+    """uint8 HxWx3 -> size=(H, W). bicubic/bilinear/lanczos: PIL's filters (antialiased when shrinking), as
+    the AdaptSegNet/ADVENT/BDL (bicubic), ProDA (bilinear) and LSD-seg (Lanczos) loaders; cv2-bilinear: what
+    mmcv's imresize/imrescale does (OpenCV INTER_LINEAR: half-pixel centres, no antialiasing, a 2x2 mean for
+    an exact 2x shrink), computed in float32 and rounded, so within 1 grey level of OpenCV's 11-bit
+    fixed-point result (DAFormer)."""
+    h, w = image.shape[:2]
+    if interpolation == "cv2-bilinear":
+        if (h, w) == (size[0] * 2, size[1] * 2):  # OpenCV switches to INTER_AREA here
+            x = image.astype(np.uint16)
+            x = x[0::2, 0::2] + x[1::2, 0::2] + x[0::2, 1::2] + x[1::2, 1::2]
+            return ((x + 2) >> 2).astype(np.uint8)
+        y0, y1, wy = _linear_taps(h, size[0])
+        x0, x1, wx = _linear_taps(w, size[1])
+        img = image.astype(np.float32)
+        rows = img[y0] * (1 - wy)[:, None, None] + img[y1] * wy[:, None, None]
+        out = rows[:, x0] * (1 - wx)[None, :, None] + rows[:, x1] * wx[None, :, None]
+        return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
+    filters = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS}
+    if interpolation not in filters:
+        raise ValueError(f"unknown interpolation {interpolation!r}: use one of {', '.join(INTERPOLATIONS)}")
+    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), filters[interpolation]))
+
+
+def _linear_taps(n_in, n_out):
+    """Source indices and weights of a half-pixel-centred linear resize from n_in to n_out samples."""
+    pos = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0)
+    i0 = np.minimum(np.floor(pos).astype(np.int64), n_in - 1)
+    return i0, np.minimum(i0 + 1, n_in - 1), (pos - i0).astype(np.float32)
+
+
+def resize_label(label, size, interpolation="bicubic"):
+    """Nearest-neighbour label resize: PIL's (pixel centres) or, with cv2-bilinear, OpenCV's INTER_NEAREST
+    (source index floor(i * in / out)), so that labels stay aligned with their images as in each official code."""
+    h, w = label.shape[:2]
+    if interpolation == "cv2-bilinear":
+        ys = np.minimum(np.floor(np.arange(size[0]) * (h / size[0])).astype(np.int64), h - 1)
+        xs = np.minimum(np.floor(np.arange(size[1]) * (w / size[1])).astype(np.int64), w - 1)
+        return label[ys][:, xs]
+    return np.asarray(Image.fromarray(label).resize((size[1], size[0]), Image.NEAREST))
+
+
+def resize_pair(image, label, size, keep_ratio=False, interpolation="bicubic"):
+    """Resize to size=(H, W) (image with `interpolation`, label nearest); keep_ratio: largest size fitting in
+    the box."""
     h, w = image.shape[:2]
     if keep_ratio:  # mmseg-style: scale so the image fits into the (H, W) box
         scale = min(size[0] / h, size[1] / w, max(size) / max(h, w))
         size = (int(h * scale + 0.5), int(w * scale + 0.5))
     if (h, w) == tuple(size):
         return image, label
-    image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BICUBIC))
+    image = resize_image(image, size, interpolation)
     if label is not None:
-        label = np.asarray(Image.fromarray(label).resize((size[1], size[0]), Image.NEAREST))
+        label = resize_label(label, size, interpolation)
     return image, label
 
 
@@ -368,13 +414,15 @@ class TrainTransform:
     crop: tuple = None  # (H, W) random crop
     cat_max_ratio: float = 1.0
     flip: bool = False
+    interpolation: str = "bicubic"  # image resize filter (resize_image); each script sets its official code's
 
     def __call__(self, image, label, rng):
         if self.size is not None:
-            image, label = resize_pair(image, label, self.size, self.keep_ratio)
+            image, label = resize_pair(image, label, self.size, self.keep_ratio, self.interpolation)
         if self.scale is not None:
             s = rng.uniform(*self.scale)
-            image, label = resize_pair(image, label, (int(image.shape[0] * s + 0.5), int(image.shape[1] * s + 0.5)))
+            image, label = resize_pair(image, label, (int(image.shape[0] * s + 0.5), int(image.shape[1] * s + 0.5)),
+                                       interpolation=self.interpolation)
         if self.crop is not None:
             image, label = random_crop(image, label, self.crop, rng, self.cat_max_ratio)
         if self.flip and rng.random() < 0.5:
@@ -390,8 +438,10 @@ class SegDataset(torch.utils.data.Dataset):
     Evaluation (`eval_size` set): the image is resized to eval_size, the label stays at full resolution.
     """
 
-    def __init__(self, split: DomainSplit, transform=None, eval_size=None, with_label=True):
+    def __init__(self, split: DomainSplit, transform=None, eval_size=None, with_label=True,
+                 eval_interpolation="bicubic"):
         self.split, self.transform, self.eval_size = split, transform, eval_size
+        self.eval_interpolation = eval_interpolation
         self.with_label = with_label and split.labelled
 
     def __len__(self):
@@ -401,7 +451,7 @@ class SegDataset(torch.utils.data.Dataset):
         index, seed = key if isinstance(key, tuple) else (key, 0)
         image, label = self.split.load(index, self.with_label)
         if self.eval_size is not None:
-            image, _ = resize_pair(image, None, self.eval_size)
+            image, _ = resize_pair(image, None, self.eval_size, interpolation=self.eval_interpolation)
         elif self.transform is not None:
             image, label = self.transform(image, label, np.random.default_rng(seed))
         image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))

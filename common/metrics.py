@@ -86,11 +86,11 @@ def evaluate(predict, loader, num_classes, device, align_corners, pred_map=None,
 
 
 def evaluate_target(predict, val_split, runtime, align_corners, log=None, num_predictions=0, limit=None,
-                    num_workers=2, eval_size=None, pred_map=None, synthia_protocols=False):
+                    num_workers=2, eval_size=None, pred_map=None, synthia_protocols=False, interpolation="bicubic"):
     """Score `predict` on the target val split; rank 0 saves `num_predictions` PNGs. Returns the summary."""
     from common.data import SegDataset, eval_loader
     from common.runlog import save_prediction
-    dataset = SegDataset(val_split, eval_size=eval_size)
+    dataset = SegDataset(val_split, eval_size=eval_size, eval_interpolation=interpolation)
     loader = eval_loader(dataset, runtime.rank, runtime.world, num_workers, limit)
 
     def on_image(index, image, label, pred):
