@@ -146,8 +146,9 @@ class Args:
     """SGD weight decay (paper: 5e-4)"""
     head_lr_mult: float = 10.0
     """learning-rate multiplier of the classifiers (paper: 10)"""
-    poly_horizon: int = 250000
-    """poly schedule horizon T in lr*(1-t/T)^power; longer than iters in the paper (250k)"""
+    poly_horizon: Optional[int] = 250000
+    """poly schedule horizon T in lr*(1-t/T)^power; none: the run length (--iters). Paper: 250k, a separate number
+    from the iterations (it stays when --iters changes)"""
     poly_power: float = 0.9
     """poly schedule power (paper: 0.9)"""
 
@@ -302,6 +303,7 @@ class DeepLabV2(nn.Module):
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.requires_grad_(False)
                 m.bias.requires_grad_(False)
+        self.train()  # --bn-mode eval holds from the first iteration on, not only after an evaluation
 
     def _layer(self, block, planes, blocks, stride=1, dilation=1):
         downsample = None
@@ -712,6 +714,7 @@ def main():
     # TRY NOT TO MODIFY: setup
     rt = Runtime(args.device, args.amp)
     args.world_size, args.rank = rt.world, rt.rank
+    args.poly_horizon = args.poly_horizon or args.iters  # none: the schedule ends with the run
     if args.batch_size % rt.world:
         raise UserError(f"--batch-size {args.batch_size} is the global batch; it must divide by {rt.world} processes")
     args.out = out_dir = share_run_dir(rt, resolve_out_dir(args, SCRIPT))

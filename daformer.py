@@ -134,8 +134,8 @@ class Args:
     """AdamW weight decay; encoder parameters named *norm* get none (paper: 0.01)"""
     head_lr_mult: float = 10.0
     """learning-rate multiplier of the classifiers (paper: 10)"""
-    poly_horizon: int = 40000
-    """poly schedule horizon T in lr*(1-t/T)^power (paper: 40k, the training length)"""
+    poly_horizon: Optional[int] = None
+    """poly schedule horizon T in lr*(1-t/T)^power; none: the run length (--iters), as the official max_iters"""
     poly_power: float = 1.0
     """poly schedule power (paper: 1.0)"""
 
@@ -199,7 +199,7 @@ class Args:
 PRESETS = {
     "paper": {},
     "quick": dict(source="toy-synth", target="toy-real", backbone="pvt_v2_b0", init="none", iters=150, batch_size=2,
-                  lr=1e-3, eval_every=0, checkpoint_every=50, num_workers=1, log_every=10, poly_horizon=150,
+                  lr=1e-3, eval_every=0, checkpoint_every=50, num_workers=1, log_every=10, poly_horizon=None,
                   seed=0, crop_size=[128, 128], warmup_iters=6, ema_alpha=0.99, decoder_dim=64),
 }
 # the paper's thing classes (Cityscapes train ids 6, 7, 11-18; pole is excluded) by name
@@ -619,6 +619,7 @@ def main():
     # TRY NOT TO MODIFY: setup
     rt = Runtime(args.device, args.amp)
     args.world_size, args.rank = rt.world, rt.rank
+    args.poly_horizon = args.poly_horizon or args.iters  # none: the schedule ends with the run
     if args.batch_size % rt.world:
         raise UserError(f"--batch-size {args.batch_size} is the global batch; it must divide by {rt.world} processes")
     args.out = out_dir = share_run_dir(rt, resolve_out_dir(args, SCRIPT))
@@ -724,8 +725,8 @@ def main():
         builtin = args.source in ("gta", "synthia", "cityscapes")
         min_pixels = args.rcs_min_pixels if args.rcs_min_pixels is not None else (
             3000 if builtin else max(1, round(3000 * mean_area / GTA5_FRAME_AREA)))
-        sampler = RareClassSampler(counts, args.rcs_temperature, min_pixels, args.seed + rt.rank,
-                                   start_iter * per_rank_batch)
+        sampler = RareClassSampler(counts, args.rcs_temperature, min_pixels, args.seed,
+                                   start_iter, rt.rank, rt.world * per_rank_batch)
         if rt.is_main:
             print("RCS P(c): " + ", ".join(f"{classes[c]} {p:.3f}" for c, p in zip(sampler.classes, sampler.probs))
                   + f"; min pixels {min_pixels}")
@@ -735,11 +736,11 @@ def main():
                                                      args.rcs_min_crop_ratio * min_pixels),
                                     sampler, per_rank_batch, args.num_workers, pin)
     else:
-        source_batches = train_loader(SegDataset(source_train, source_transform), per_rank_batch, args.seed + rt.rank,
-                                      start_iter, num_workers=args.num_workers, pin_memory=pin)
+        source_batches = train_loader(SegDataset(source_train, source_transform), per_rank_batch, args.seed,
+                                      start_iter, rt.rank, rt.world, num_workers=args.num_workers, pin_memory=pin)
     target_batches = None if args.source_only else train_loader(
-        SegDataset(target_train, target_transform, with_label=False), per_rank_batch, args.seed + 10_000 + rt.rank,
-        start_iter, num_workers=args.num_workers, pin_memory=pin)
+        SegDataset(target_train, target_transform, with_label=False), per_rank_batch, args.seed + 10_000,
+        start_iter, rt.rank, rt.world, num_workers=args.num_workers, pin_memory=pin)
     torch.set_rng_state(loop_rng)
     train_model = rt.wrap(model)
     teacher_forward = networks.get("teacher")

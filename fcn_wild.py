@@ -161,8 +161,8 @@ class Args:
     """L2 weight decay of fc6/fc7/fc8 in the task optimiser (third-party: 5e-4)"""
     head_lr_mult: float = 1.0
     """learning-rate multiplier of fc8 in the task and CA optimisers (third-party: 1)"""
-    poly_horizon: int = 1000
-    """poly schedule horizon T in lr*(1-t/T)^power (unused with power 0)"""
+    poly_horizon: Optional[int] = None
+    """poly schedule horizon T in lr*(1-t/T)^power; none: the run length (--iters); unused with power 0"""
     poly_power: float = 0.0
     """poly schedule power; 0 keeps the lr constant (third-party: constant)"""
 
@@ -211,7 +211,7 @@ class Args:
 PRESETS = {
     "paper": {},
     "quick": dict(source="toy-synth", target="toy-real", backbone="vgg16_small", init="none", iters=400, batch_size=4,
-                  lr=3e-4, eval_every=0, checkpoint_every=100, num_workers=1, log_every=10, poly_horizon=400,
+                  lr=3e-4, eval_every=0, checkpoint_every=100, num_workers=1, log_every=10, poly_horizon=None,
                   seed=0, source_size=[96, 192], target_size=[96, 192],
                   poly_power=0.9, grad_accum=1, adapt_start=200, confusion_ramp_iters=120),
 }
@@ -542,6 +542,7 @@ def main():
     # TRY NOT TO MODIFY: setup
     rt = Runtime(args.device, args.amp)
     args.world_size, args.rank = rt.world, rt.rank
+    args.poly_horizon = args.poly_horizon or args.iters  # none: the schedule ends with the run
     if args.batch_size % rt.world:
         raise UserError(f"--batch-size {args.batch_size} is the global batch; it must divide by {rt.world} processes")
     args.out = out_dir = share_run_dir(rt, resolve_out_dir(args, SCRIPT))
@@ -632,8 +633,8 @@ def main():
     source_train = domain_split(args.source, "train", args.data_root, synthia_classes=args.synthia_classes)
     source_transform = TrainTransform(size=args.source_size or source_train.paper_size, crop=args.crop_size)
     per_rank_batch = args.batch_size // rt.world // args.grad_accum
-    source_batches = train_loader(SegDataset(source_train, source_transform), per_rank_batch, args.seed + rt.rank,
-                                  start_iter * args.grad_accum, num_workers=args.num_workers,
+    source_batches = train_loader(SegDataset(source_train, source_transform), per_rank_batch, args.seed,
+                                  start_iter, rt.rank, rt.world * args.grad_accum, num_workers=args.num_workers,
                                   pin_memory=rt.device.type == "cuda")
     use_target = args.global_alignment or args.category_alignment
     if use_target:  # its own sample stream (seed offset), distinct from every rank's source stream
@@ -641,7 +642,7 @@ def main():
         target_transform = TrainTransform(size=args.target_size or target_train.paper_size, crop=args.crop_size)
         target_start = max(start_iter - args.adapt_start, 0) * args.grad_accum  # read only while adapting
         target_batches = train_loader(SegDataset(target_train, target_transform, with_label=False), per_rank_batch,
-                                      args.seed + 100_003 + rt.rank, target_start,
+                                      args.seed + 100_003, target_start, rt.rank, rt.world,
                                       num_workers=args.num_workers, pin_memory=rt.device.type == "cuda")
     if args.category_alignment:
         # cached next to a real dataset (if writable), in the run folder for the toy domains; always copied there

@@ -155,8 +155,8 @@ class Args:
     """input normalisation; auto: what the init expects (imagenet for torchvision weights, a checkpoint's own)"""
     weight_decay: float = 0.0
     """Adam weight decay of F and C (official: 0; its SGD option uses 5e-4)"""
-    poly_horizon: int = 250000
-    """poly schedule horizon T in lr*(1-t/T)^power (unused with power 0)"""
+    poly_horizon: Optional[int] = None
+    """poly schedule horizon T in lr*(1-t/T)^power; none: the run length (--iters); unused with power 0"""
     poly_power: float = 0.0
     """poly schedule power; 0 keeps the lr constant (official: constant, with the step decay of lr_step_every)"""
 
@@ -188,7 +188,7 @@ class Args:
 PRESETS = {
     "paper": {},
     "quick": dict(source="toy-synth", target="toy-real", backbone="vgg16_small", init="none", iters=400, batch_size=4,
-                  lr=3e-4, eval_every=0, checkpoint_every=100, num_workers=1, log_every=10, poly_horizon=400,
+                  lr=3e-4, eval_every=0, checkpoint_every=100, num_workers=1, log_every=10, poly_horizon=None,
                   seed=0, source_size=[96, 192], target_size=[96, 192],
                   # method-specific (header): source_only's poly schedule, no crop, small G and D
                   poly_power=0.9, lr_step_every=0, crop_size=None, eval_size=None, gan_width=8,
@@ -548,6 +548,7 @@ def main():
     # TRY NOT TO MODIFY: setup
     rt = Runtime(args.device, args.amp)
     args.world_size, args.rank = rt.world, rt.rank
+    args.poly_horizon = args.poly_horizon or args.iters  # none: the schedule ends with the run
     if args.batch_size % rt.world:
         raise UserError(f"--batch-size {args.batch_size} is the global batch; it must divide by {rt.world} processes")
     args.out = out_dir = share_run_dir(rt, resolve_out_dir(args, SCRIPT))
@@ -636,13 +637,13 @@ def main():
     source_train = domain_split(args.source, "train", args.data_root, synthia_classes=args.synthia_classes)
     source_transform = TrainTransform(size=args.source_size or source_train.paper_size, crop=args.crop_size)
     per_rank_batch = args.batch_size // rt.world
-    source_batches = train_loader(SegDataset(source_train, source_transform), per_rank_batch, args.seed + rt.rank,
-                                  start_iter, num_workers=args.num_workers, pin_memory=rt.device.type == "cuda")
+    source_batches = train_loader(SegDataset(source_train, source_transform), per_rank_batch, args.seed, start_iter,
+                                  rt.rank, rt.world, num_workers=args.num_workers, pin_memory=rt.device.type == "cuda")
     # the unlabelled target train split; its own sample stream (seed offset), distinct from every rank's source stream
     target_train = domain_split(args.target, "train", args.data_root, labelled=False)
     target_transform = TrainTransform(size=args.target_size or target_train.paper_size, crop=args.crop_size)
     target_batches = train_loader(SegDataset(target_train, target_transform, with_label=False), per_rank_batch,
-                                  args.seed + 100_003 + rt.rank, start_iter, num_workers=args.num_workers,
+                                  args.seed + 100_003, start_iter, rt.rank, rt.world, num_workers=args.num_workers,
                                   pin_memory=rt.device.type == "cuda")
     train_model = model  # no DDP wrapper: each step's gradients are averaged by average_gradients
     nets = {"model": train_model, "gen": gen.train(), "disc": disc.train()}

@@ -113,8 +113,9 @@ class Args:
     """SGD weight decay (paper: 5e-4)"""
     head_lr_mult: float = 10.0
     """learning-rate multiplier of the classifiers (paper: 10)"""
-    poly_horizon: int = 250000
-    """poly schedule horizon T in lr*(1-t/T)^power; longer than iters in the paper (250k)"""
+    poly_horizon: Optional[int] = 250000
+    """poly schedule horizon T in lr*(1-t/T)^power; none: the run length (--iters). Paper: 250k, a separate number
+    from the iterations (it stays when --iters changes)"""
     poly_power: float = 0.9
     """poly schedule power (paper: 0.9)"""
 
@@ -128,7 +129,7 @@ class Args:
 PRESETS = {
     "paper": {},
     "quick": dict(source="toy-synth", target="toy-real", backbone="resnet18", init="none", iters=400, batch_size=4,
-                  lr=0.0025, eval_every=0, checkpoint_every=100, num_workers=1, log_every=10, poly_horizon=400,
+                  lr=0.0025, eval_every=0, checkpoint_every=100, num_workers=1, log_every=10, poly_horizon=None,
                   seed=0, source_size=[96, 192], target_size=[96, 192]),
 }
 
@@ -213,6 +214,7 @@ class DeepLabV2(nn.Module):
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.requires_grad_(False)
                 m.bias.requires_grad_(False)
+        self.train()  # --bn-mode eval holds from the first iteration on, not only after an evaluation
 
     def _layer(self, block, planes, blocks, stride=1, dilation=1):
         downsample = None
@@ -296,6 +298,7 @@ def main():
     # TRY NOT TO MODIFY: setup
     rt = Runtime(args.device, args.amp)
     args.world_size, args.rank = rt.world, rt.rank
+    args.poly_horizon = args.poly_horizon or args.iters  # none: the schedule ends with the run
     if args.batch_size % rt.world:
         raise UserError(f"--batch-size {args.batch_size} is the global batch; it must divide by {rt.world} processes")
     args.out = out_dir = share_run_dir(rt, resolve_out_dir(args, SCRIPT))
@@ -367,8 +370,8 @@ def main():
     source_train = domain_split(args.source, "train", args.data_root, synthia_classes=args.synthia_classes)
     source_transform = TrainTransform(size=args.source_size or source_train.paper_size, crop=args.crop_size)
     per_rank_batch = args.batch_size // rt.world
-    source_batches = train_loader(SegDataset(source_train, source_transform), per_rank_batch, args.seed + rt.rank,
-                                  start_iter, num_workers=args.num_workers, pin_memory=rt.device.type == "cuda")
+    source_batches = train_loader(SegDataset(source_train, source_transform), per_rank_batch, args.seed, start_iter,
+                                  rt.rank, rt.world, num_workers=args.num_workers, pin_memory=rt.device.type == "cuda")
     train_model = rt.wrap(model)
 
     # TRY NOT TO MODIFY: training loop

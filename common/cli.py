@@ -2,8 +2,8 @@
 
 CleanRL uses tyro for this; tyro is not one of our dependencies, so this is the small subset we need:
 - the docstring under each field is its `--help` text (read with `ast`, so it cannot drift);
-- `bool` fields become `--flag/--no-flag`; `list[int]`/`list[float]` fields take one or more values
-  (`--crop-size 512 512`); `list[str]` fields repeat (`--weights a.pt --weights b.pt`);
+- `bool` fields become `--flag/--no-flag`; list fields take one or more values and may be repeated, the
+  values adding up (`--crop-size 512 512`, `--fd-classes car person` = `--fd-classes car --fd-classes person`);
   `Literal[...]` fields get choices; `Optional[X]` fields accept `none`;
 - resolution order: an explicit flag, then the chosen `--preset`, then the dataclass default.
 User mistakes raise `UserError`; `guard()` prints them as one line and exits 2, never a traceback.
@@ -71,11 +71,10 @@ def build_parser(cls, presets: dict, description: str = "") -> argparse.Argument
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif origin is typing.Literal:
             parser.add_argument(flag, choices=list(typing.get_args(tp)), **kw)
-        elif origin is list and typing.get_args(tp)[0] is str:
-            parser.add_argument(flag, action="append", metavar="VALUE", **{**kw, "default": None})
-            parser.append_fields.add(f.name)
         elif origin is list:
-            parser.add_argument(flag, nargs="+", type=_converter(typing.get_args(tp)[0], optional), **kw)
+            parser.add_argument(flag, action="extend", nargs="+", type=_converter(typing.get_args(tp)[0], optional),
+                                metavar="VALUE", **{**kw, "default": None})
+            parser.append_fields.add(f.name)
         else:
             parser.add_argument(flag, type=_converter(tp, optional), **kw)
     return parser
@@ -98,6 +97,10 @@ def parse_args(cls, presets: dict, argv=None, description: str = ""):
             values[f.name] = chosen[f.name]
     values["preset"] = preset_name
     args = cls(**values)
+    # the fields the user typed (not filled by a preset or default): an explicit choice beats what a weights
+    # file implies (common.checkpoint); not a dataclass field, so config.json and checkpoints never carry it
+    args.given = frozenset(f.name for f in dataclasses.fields(cls) if ns.get(f.name, _UNSET) is not _UNSET
+                           and not (ns.get(f.name) is None and f.name in parser.append_fields))
     return args
 
 

@@ -178,7 +178,7 @@ def test_smoke_run_folder(straight):
 
 def test_resume_is_exact(straight, tmp_path):
     out = str(tmp_path / "resumed")
-    run("--iters", 2, "--out", out)
+    run("--iters", 2, "--poly-horizon", 4, "--out", out)  # interrupted at 2 of a 4-iteration schedule
     run("--iters", 4, "--out", out, "--resume", "auto")
     a = torch.load(os.path.join(straight, "checkpoints", "last.pt"), weights_only=True)
     b = torch.load(os.path.join(out, "checkpoints", "last.pt"), weights_only=True)

@@ -41,6 +41,17 @@ def test_flag_kinds():
     args = parse_args(Demo, PRESETS, ["--no-amp", "--crop-size", "512", "256", "--weights", "a.pt", "--weights", "b.pt"])
     assert args.amp is False and args.crop_size == [512, 256] and args.weights == ["a.pt", "b.pt"]
     assert parse_args(Demo, PRESETS, ["--crop-size", "none"]).crop_size is None
+    # one rule for every list flag: several values after one flag, or the flag repeated, or both
+    assert parse_args(Demo, PRESETS, ["--weights", "a.pt", "b.pt"]).weights == ["a.pt", "b.pt"]
+    assert parse_args(Demo, PRESETS, ["--crop-size", "512", "--crop-size", "256"]).crop_size == [512, 256]
+    assert parse_args(Demo, PRESETS, ["--weights", "a", "b", "--weights", "c"]).weights == ["a", "b", "c"]
+    assert parse_args(Demo, PRESETS, []).weights == [] and parse_args(Demo, PRESETS, []).crop_size is None
+
+
+def test_explicit_flags_are_recorded():
+    args = parse_args(Demo, PRESETS, ["--preset", "quick", "--lr", "0.25", "--weights", "a.pt"])
+    assert args.given == {"preset", "lr", "weights"}  # iters came from the preset: not given
+    assert "given" not in dataclasses.asdict(args)
     with pytest.raises(SystemExit):
         parse_args(Demo, PRESETS, ["--preset", "fast"])
 

@@ -310,7 +310,7 @@ def test_quick_run_writes_every_run_folder_file(tmp_path, rcs_stats):
 def test_resume_continues_exactly(tmp_path, rcs_stats):
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_script(*tiny(rcs_stats), "--iters", "4", "--out", str(straight), check=True)
-    run_script(*tiny(rcs_stats), "--iters", "2", "--out", str(split), check=True)
+    run_script(*tiny(rcs_stats), "--iters", "2", "--poly-horizon", "4", "--out", str(split), check=True)
     result = run_script(*tiny(rcs_stats), "--iters", "4", "--resume", "auto", "--out", str(split), check=True)
     assert "resumed from" in result.stdout
     a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)

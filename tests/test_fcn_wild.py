@@ -279,7 +279,7 @@ def test_quick_run_resume_and_eval_only(straight, tmp_path):
     # 3 iterations, then --resume auto to 4 (the target stream resumes 1 batch into the adaptation): the
     # straight run's weights
     resumed = tmp_path / "resumed"
-    run_script(*QUICK, "--iters", "3", "--adapt-start", "2", "--out", str(resumed), check=True)
+    run_script(*QUICK, "--iters", "3", "--poly-horizon", "4", "--adapt-start", "2", "--out", str(resumed), check=True)
     run_script(*QUICK, "--iters", "4", "--adapt-start", "2", "--resume", "auto", "--out", str(resumed), check=True)
     a, b = ckpt, weights(resumed)
     assert b["iter"] == 4

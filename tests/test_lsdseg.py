@@ -258,7 +258,7 @@ def test_grad_ratio_probe(straight):
 
 def test_resume_is_exact(straight, tmp_path):
     out = str(tmp_path / "resumed")
-    run("--iters", 1, "--out", out)
+    run("--iters", 1, "--poly-horizon", 2, "--out", out)  # interrupted at 1 of a 2-iteration schedule
     run("--iters", 2, "--out", out, "--resume", "auto")
     a = torch.load(os.path.join(straight, "checkpoints", "last.pt"), weights_only=True)
     b = torch.load(os.path.join(out, "checkpoints", "last.pt"), weights_only=True)

@@ -195,7 +195,7 @@ def test_checkpoint_holds_a_plain_deeplab_and_the_update_rule(straight_run):
 
 def test_resume_is_exact(straight_run, tmp_path):
     out = tmp_path / "resumed"
-    run_script("--iters", "2", "--sr-start-iter", "1", "--out", str(out))
+    run_script("--iters", "2", "--poly-horizon", "4", "--sr-start-iter", "1", "--out", str(out))
     run_script("--iters", "4", "--sr-start-iter", "1", "--out", str(out), "--resume", "auto")
     a, b = load(straight_run / "checkpoints" / "last.pt"), load(out / "checkpoints" / "last.pt")
     assert b["iter"] == 4
