@@ -1,18 +1,27 @@
-"""Procedural toy domain pair for unsupervised domain adaptation (UDA) in segmentation.
+"""Procedural toy domain pairs for unsupervised domain adaptation (UDA) in segmentation.
 
-Two domains are rendered from the same street-scene grammar: sky on top, a row of
+Every domain is rendered from the same street-scene grammar: sky on top, a row of
 buildings standing on the horizon, a road converging to a vanishing point with
 sidewalks on both sides, and trees, poles, people and cars placed in perspective
-(farther objects are smaller and sit closer to the horizon).
+(farther objects are smaller and sit closer to the horizon). A style is a look and a
+layout: the look sets the appearance and never changes a label, the layout sets the
+object counts and sizes and so the class frequencies.
 
-* ``synthetic`` (source, "toy-synth"): flat, saturated colours. Every class has one
-  base colour, each object only varies it slightly. No texture, no noise, no blur.
-* ``real`` (target, "toy-real"): the same classes in a partially shifted palette
-  (greyer road and sidewalk, hazy sky, darker green, grey poles, cars and clothes in
-  arbitrary colours), plus texture (windows and bricks, lane marks, paving, leafy
-  blotches), per-image tint and brightness, a lighting gradient and vignette, blur
-  and sensor noise. The layout statistics differ too: more, smaller cars, more
-  people, taller buildings, fewer trees.
+Looks:
+* synthetic: flat, saturated colours. Every class has one base colour, each object only
+  varies it slightly. No texture, no noise, no blur.
+* real: the same classes in a partially shifted palette (greyer road and sidewalk, hazy
+  sky, darker green, grey poles, cars and clothes in arbitrary colours), plus texture
+  (windows and bricks, lane marks, paving, leafy blotches), per-image tint and brightness,
+  a lighting gradient and vignette, blur and sensor noise.
+
+Pairs:
+* "toy-synth" -> "toy-real": synthetic look and layout -> real look and layout. The real
+  layout is busier (more, smaller cars, more people, taller buildings, fewer trees), so
+  the pair has label shift on top of the appearance shift (toy-real: 1.8x the building
+  pixel share, 2.6x person, 0.4x vegetation).
+* "toy2-synth" -> "toy2-real": the same two looks on one shared "matched" layout, so the
+  class frequencies agree (up to sampling noise) and only the appearance shifts.
 
 Colour alone is thus unreliable in the target, but shape, position and the scene
 structure are shared, so a source model transfers partially and UDA methods
@@ -28,7 +37,10 @@ import numpy as np
 TOY_CLASSES = ["road", "sidewalk", "building", "vegetation", "sky", "pole", "person", "car"]
 TOY_PALETTE = [(128, 64, 128), (244, 35, 232), (70, 70, 70), (107, 142, 35),
                (70, 130, 180), (153, 153, 153), (220, 20, 60), (0, 0, 142)]
-TOY_DOMAINS = {"toy-synth": "synthetic", "toy-real": "real"}
+# domain name -> rendering style. toy-synth/toy-real differ in appearance AND class frequencies (label shift);
+# toy2-synth/toy2-real share one layout distribution (matched class frequencies) and differ in appearance only.
+TOY_DOMAINS = {"toy-synth": "synthetic", "toy-real": "real",
+               "toy2-synth": "synthetic-matched", "toy2-real": "real-matched"}
 # 2000 train images is plenty for the ~1-5k iterations a CPU run affords; renders are
 # on the fly, so size costs nothing but seeds. 100 val images give a stable mIoU.
 TOY_SPLIT_SIZES = {"train": 2000, "val": 100}
@@ -43,21 +55,32 @@ _REAL_CAR_PAINT = np.array([(225, 225, 230), (25, 25, 30), (150, 152, 158), (170
 _REAL_CLOTHES = np.array([(30, 30, 40), (60, 40, 30), (180, 180, 170), (140, 30, 40),
                           (40, 60, 120), (90, 100, 70), (200, 150, 60)], np.float32)
 _SKIN = np.array((200, 150, 120), np.float32)
-# Per-style layout: (min, max) object counts (max exclusive) and size factors relative
-# to the distance below the horizon. Real scenes are busier, with smaller cars.
+# Layouts: (min, max) object counts (max exclusive), size factors relative to the distance
+# below the horizon, building tops, the synthetic look's per-object colour jitter, and whether
+# the hedge has gaps of sky/building in its label. Real scenes are busier, with smaller cars;
+# "matched" lies between the two and is shared by both toy2 domains.
 _LAYOUT = {
     "synthetic": dict(cars=(1, 4), car_size=1.25, people=(0, 3), person_size=1.5,
-                      trees=(2, 6), poles=(1, 4), top=(0.05, 0.30), jitter=0.06),
+                      trees=(2, 6), poles=(1, 4), top=(0.05, 0.30), jitter=0.06, hedge_gaps=False),
     "real": dict(cars=(3, 9), car_size=0.85, people=(2, 7), person_size=1.3,
-                 trees=(0, 3), poles=(2, 5), top=(0.0, 0.18), jitter=0.0),
+                 trees=(0, 3), poles=(2, 5), top=(0.0, 0.18), jitter=0.0, hedge_gaps=True),
+    "matched": dict(cars=(2, 7), car_size=1.05, people=(1, 5), person_size=1.4,
+                    trees=(1, 5), poles=(1, 5), top=(0.02, 0.24), jitter=0.06, hedge_gaps=False),
 }
+# style -> (look, layout). The look (palette, textures, lighting, blur, noise) never changes a
+# label; the layout alone decides the label map's distribution. The look's extra random draws
+# only shift the generator's stream, so two styles with one layout have the same class
+# frequencies in expectation, not the same frames.
+_STYLES = {"synthetic": ("synthetic", "synthetic"), "real": ("real", "real"),
+           "synthetic-matched": ("synthetic", "matched"), "real-matched": ("real", "matched")}
 
 
 def render_scene(seed: int, style: str, height: int = 128, width: int = 256):
     """Render one scene; returns (image uint8 HxWx3 RGB, label uint8 HxW in 0..7)."""
-    if style not in _LAYOUT:
-        raise ValueError(f"style must be 'synthetic' or 'real', got {style!r}")
-    real, cfg, H, W = style == "real", _LAYOUT[style], height, width
+    if style not in _STYLES:
+        raise ValueError(f"style must be one of {', '.join(_STYLES)}, got {style!r}")
+    look, layout = _STYLES[style]
+    real, cfg, H, W = look == "real", _LAYOUT[layout], height, width
     rng = np.random.default_rng(seed)
     img = np.empty((H, W, 3), np.float32)
     lab = np.empty((H, W), np.uint8)
@@ -108,7 +131,7 @@ def render_scene(seed: int, style: str, height: int = 128, width: int = 256):
         x += bw
     if rng.random() < 0.5:  # a hedge along the horizon
         paint(hy - int(rng.integers(2, 8)), hy + 1, 0, W, VEGETATION, colour(VEGETATION),
-              (lambda ys, xs: (xs // 4 + ys) % 9 < 7) if real else None)
+              (lambda ys, xs: (xs // 4 + ys) % 9 < 7) if cfg["hedge_gaps"] else None)
     paint(hy + 1, H, 0, W, SIDEWALK, colour(SIDEWALK))
     paint(hy + 1, H, 0, W, ROAD, colour(ROAD),
           lambda ys, xs: ((xs - vx) * D >= -a * (ys - hy)) & ((xs - vx) * D <= b * (ys - hy)))
@@ -209,6 +232,16 @@ def scene_seed(domain: str, split: str, index: int, base_seed: int = 0) -> int:
     if not (0 <= index < 2**32 and base_seed >= 0):
         raise ValueError("index must be in [0, 2**32) and base_seed >= 0")
     return (int(base_seed) << 64) | (zlib.crc32(f"{domain}/{split}".encode()) << 32) | int(index)
+
+
+def class_shares(domain: str, split: str = "train", num_images: int | None = None, base_seed: int = 0):
+    """(share of the labelled pixels per class, float64 array of 8; per-image shares, N x 8) over the first
+    num_images frames of a split (default: all), at the native 128x256."""
+    ds = ToyDomain(domain, split, num_images, base_seed=base_seed)
+    per_image = np.stack([np.bincount(ds[i][1].ravel(), minlength=len(TOY_CLASSES))[:len(TOY_CLASSES)]
+                          for i in range(len(ds))]).astype(np.float64)
+    per_image /= per_image.sum(1, keepdims=True)  # every toy pixel has a class: all frames weigh the same
+    return per_image.mean(0), per_image
 
 
 class ToyDomain:

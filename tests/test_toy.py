@@ -1,13 +1,15 @@
+import hashlib
 import time
 
 import numpy as np
 import pytest
 
-from common.toy import (TOY_CLASSES, TOY_DOMAINS, TOY_PALETTE, TOY_SPLIT_SIZES, ToyDomain,
+from common.toy import (TOY_CLASSES, TOY_DOMAINS, TOY_PALETTE, TOY_SPLIT_SIZES, ToyDomain, class_shares,
                         render_scene, scene_seed)
 
 ROAD, SIDEWALK, BUILDING, VEGETATION, SKY, POLE, PERSON, CAR = range(8)
-STYLES = ["synthetic", "real"]
+STYLES = ["synthetic", "real", "synthetic-matched", "real-matched"]
+PAIRS = [("toy-synth", "toy-real"), ("toy2-synth", "toy2-real")]
 N = 50  # images per domain for the statistical checks
 
 
@@ -20,7 +22,8 @@ def test_constants():
     assert TOY_CLASSES == ["road", "sidewalk", "building", "vegetation", "sky", "pole", "person", "car"]
     assert TOY_PALETTE[0] == (128, 64, 128) and TOY_PALETTE[7] == (0, 0, 142)
     assert len(TOY_PALETTE) == 8
-    assert TOY_DOMAINS == {"toy-synth": "synthetic", "toy-real": "real"}
+    assert TOY_DOMAINS == {"toy-synth": "synthetic", "toy-real": "real",
+                           "toy2-synth": "synthetic-matched", "toy2-real": "real-matched"}
     assert set(TOY_SPLIT_SIZES) == {"train", "val"}
 
 
@@ -49,7 +52,7 @@ def test_bad_style():
 
 def test_scene_seeds_unique():
     seeds = {scene_seed(d, s, i) for d in TOY_DOMAINS for s in TOY_SPLIT_SIZES for i in range(2000)}
-    assert len(seeds) == 2 * 2 * 2000  # no overlap between domains or splits
+    assert len(seeds) == len(TOY_DOMAINS) * 2 * 2000  # no overlap between domains or splits
     assert scene_seed("toy-real", "val", 3) == scene_seed("toy-real", "val", 3)
     assert scene_seed("toy-real", "val", 3, base_seed=1) != scene_seed("toy-real", "val", 3)
 
@@ -96,13 +99,57 @@ def _hf_energy(img):
     return np.abs(np.diff(x, axis=0)).mean() + np.abs(np.diff(x, axis=1)).mean()
 
 
-def test_appearance_differs(samples):
-    synth, real = samples["toy-synth"], samples["toy-real"]
+@pytest.mark.parametrize("pair", PAIRS)
+def test_appearance_differs(samples, pair):
+    synth, real = samples[pair[0]], samples[pair[1]]
     assert np.linalg.norm(_road_mean(synth) - _road_mean(real)) > 25
     hf_synth = np.array([_hf_energy(img) for img, _ in synth])
     hf_real = np.array([_hf_energy(img) for img, _ in real])
     assert hf_real.mean() > 2 * hf_synth.mean()
     assert np.median(hf_real) > np.percentile(hf_synth, 90)
+
+
+def test_first_pair_is_unchanged():
+    """toy-synth/toy-real frames are pinned: every benchmark number so far was measured on them."""
+    pinned = {("toy-synth", 128, 256): "f7239721cca4fc10", ("toy-synth", 64, 96): "1591eed8376cc4ae",
+              ("toy-real", 128, 256): "00f5514338e49494", ("toy-real", 64, 96): "1e6f361c00df4a3d"}
+    for (domain, height, width), expected in pinned.items():
+        digest = hashlib.sha256()
+        for split, indices in (("train", [0, 1, 2, 3, 4, 5, 6, 7, 1999]), ("val", [0, 1, 99])):
+            ds = ToyDomain(domain, split, height=height, width=width)
+            for i in indices:
+                image, label = ds[i]
+                digest.update(image.tobytes())
+                digest.update(label.tobytes())
+        assert digest.hexdigest()[:16] == expected, (domain, height, width)
+
+
+def share_z_scores(source, target, n):
+    """Per-class z-score of the difference in mean pixel share between two domains' first n train frames:
+    difference / its standard error from the per-frame shares (frames are independent draws)."""
+    mean_s, frames_s = class_shares(source, "train", n)
+    mean_t, frames_t = class_shares(target, "train", n)
+    se = np.sqrt(frames_s.var(0, ddof=1) / n + frames_t.var(0, ddof=1) / n)
+    return (mean_t - mean_s) / se, mean_s, mean_t
+
+
+def test_toy2_class_frequencies_match():
+    # Both toy2 domains draw their labels from one layout distribution, so their shares differ by sampling
+    # noise only: every class within 4 standard errors (a false alarm has probability ~6e-5 per class).
+    # The same check must reject the first pair (label shift on purpose), or it could not fail.
+    z2, shares_s, shares_t = share_z_scores("toy2-synth", "toy2-real", 200)
+    assert np.abs(z2).max() < 4, z2
+    assert (shares_s > 0.01).all() and (shares_t > 0.01).all()  # every class has pixels to score
+    z1, _, _ = share_z_scores("toy-synth", "toy-real", 200)
+    assert np.abs(z1).max() > 10, z1
+
+
+def test_class_shares():
+    mean, per_image = class_shares("toy2-real", "val", 3)
+    labels = [ToyDomain("toy2-real", "val")[i][1] for i in range(3)]
+    expected = [np.bincount(lab.ravel(), minlength=8) / lab.size for lab in labels]
+    assert np.allclose(per_image, expected) and np.allclose(mean, np.mean(expected, 0))
+    assert np.isclose(mean.sum(), 1)
 
 
 def test_class_frequencies_differ(samples):
