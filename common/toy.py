@@ -19,7 +19,7 @@ Pairs:
 * "toy-synth" -> "toy-real": synthetic look and layout -> real look and layout. The real
   layout is busier (more, smaller cars, more people, taller buildings, fewer trees), so
   the pair has label shift on top of the appearance shift (toy-real: 1.8x the building
-  pixel share, 2.6x person, 0.4x vegetation).
+  pixel share, 3.0x person, 0.4x vegetation over the train split).
 * "toy2-synth" -> "toy2-real": the same two looks on one shared "matched" layout, so the
   class frequencies agree (up to sampling noise) and only the appearance shifts.
 
