@@ -7,6 +7,7 @@ Loaders yield uint8 tensors; scripts normalise on the device (4x less host-to-de
 Randomness: every training sample gets its own seed from the sampler, so augmentation does not depend
 on worker count, and a resumed run sees exactly the samples an uninterrupted run would.
 """
+import json
 import os
 import sys
 import warnings
@@ -84,6 +85,7 @@ class DomainSplit:
     toy: ToyDomain = None
     resize_label_to_image: bool = False  # GTA5: a few labels differ in size from their image
     meta: dict = field(default_factory=dict)
+    root: str = None  # the data root (folder datasets: their folder); prepared copies live in root/prepared
 
     def __len__(self):
         return len(self.images)
@@ -103,18 +105,15 @@ class DomainSplit:
         image = read_image(self.images[i])
         if not with_label or self.labels[i] is None:
             return image, None
-        label = self.load_label(i)
-        if label.shape != image.shape[:2]:
-            if not self.resize_label_to_image:
-                raise UserError(f"label {self.labels[i]} is {label.shape[1]}x{label.shape[0]} but its image is "
-                                f"{image.shape[1]}x{image.shape[0]}")
-            label = resize_label(label, image.shape[:2])
-        return image, label
+        return image, self.fit_label(self.load_label(i), image.shape[:2], i)
 
     def load_label(self, i) -> np.ndarray:
         if self.toy is not None:
             return self.toy[i][1]
-        raw = read_label(self.labels[i])
+        return self.train_ids(read_label(self.labels[i]), i)
+
+    def train_ids(self, raw, i) -> np.ndarray:
+        """Raw label values of item i -> train ids, checking that each is a class or 255."""
         label = self.lut[raw] if self.lut is not None else raw
         bad = (label >= len(self.classes)) & (label != 255)
         if bad.any():
@@ -122,6 +121,15 @@ class DomainSplit:
             raise UserError(f"label {self.labels[i]} holds value {value}, which is neither a class "
                             f"(0-{len(self.classes) - 1}) nor 255")
         return label
+
+    def fit_label(self, label, image_shape, i) -> np.ndarray:
+        """The label of item i at its image's size (nearest; GTA5 only, elsewhere a size mismatch is an error)."""
+        if label.shape == tuple(image_shape):
+            return label
+        if not self.resize_label_to_image:
+            raise UserError(f"label {self.labels[i]} is {label.shape[1]}x{label.shape[0]} but its image is "
+                            f"{image_shape[1]}x{image_shape[0]}")
+        return resize_label(label, image_shape)
 
 
 def read_image(path) -> np.ndarray:
@@ -172,7 +180,7 @@ def gta_split(root, split) -> DomainSplit:
     _warn_count("gta", split, len(names), 24966)
     return DomainSplit("gta", split, CITYSCAPES_CLASSES, [os.path.join(img_dir, n) for n in names],
                        [os.path.join(lab_dir, n) for n in names], CITYSCAPES_LUT, (720, 1280),
-                       resize_label_to_image=True)
+                       resize_label_to_image=True, root=root)
 
 
 def cityscapes_split(root, split, labelled=True) -> DomainSplit:
@@ -192,7 +200,8 @@ def cityscapes_split(root, split, labelled=True) -> DomainSplit:
     if not images:
         raise UserError(f"no Cityscapes images in {img_root} ({README_HINT})")
     _warn_count("cityscapes", split, len(images), {"train": 2975, "val": 500}.get(split, len(images)))
-    return DomainSplit("cityscapes", split, CITYSCAPES_CLASSES, images, labels, CITYSCAPES_LUT, (512, 1024))
+    return DomainSplit("cityscapes", split, CITYSCAPES_CLASSES, images, labels, CITYSCAPES_LUT, (512, 1024),
+                       root=root)
 
 
 def _convert_synthia_label(job):
@@ -252,7 +261,7 @@ def synthia_split(root, split, classes=19) -> DomainSplit:
     lut = TRAINID19_TO_16_LUT if classes == 16 else None
     class_names = [CITYSCAPES_CLASSES[i] for i in TRAINIDS_16] if classes == 16 else CITYSCAPES_CLASSES
     return DomainSplit("synthia", split, class_names, [os.path.join(img_dir, n) for n in names],
-                       [os.path.join(label_dir, n) for n in names], lut, (760, 1280))
+                       [os.path.join(label_dir, n) for n in names], lut, (760, 1280), root=root)
 
 
 def folder_split(root, split, labelled=True) -> DomainSplit:
@@ -277,7 +286,7 @@ def folder_split(root, split, labelled=True) -> DomainSplit:
     else:
         labels = [None] * len(files)
     return DomainSplit(os.path.basename(os.path.normpath(root)), split, classes,
-                       [os.path.join(img_dir, f) for f in files], labels)
+                       [os.path.join(img_dir, f) for f in files], labels, root=root)
 
 
 BUILTIN = ("gta", "synthia", "cityscapes", *TOY_DOMAINS)
@@ -367,14 +376,22 @@ def resize_label(label, size, interpolation="bicubic"):
     return np.asarray(Image.fromarray(label).resize((size[1], size[0]), Image.NEAREST))
 
 
+def resized_shape(h, w, size, keep_ratio=False) -> tuple:
+    """The (H, W) that resize_pair gives an h x w frame (size None: unchanged)."""
+    if size is None:
+        return h, w
+    if keep_ratio:  # mmseg-style: scale so the image fits into the (H, W) box
+        scale = min(size[0] / h, size[1] / w, max(size) / max(h, w))
+        return int(h * scale + 0.5), int(w * scale + 0.5)
+    return int(size[0]), int(size[1])
+
+
 def resize_pair(image, label, size, keep_ratio=False, interpolation="bicubic"):
     """Resize to size=(H, W) (image with `interpolation`, label nearest); keep_ratio: largest size fitting in
     the box."""
     h, w = image.shape[:2]
-    if keep_ratio:  # mmseg-style: scale so the image fits into the (H, W) box
-        scale = min(size[0] / h, size[1] / w, max(size) / max(h, w))
-        size = (int(h * scale + 0.5), int(w * scale + 0.5))
-    if (h, w) == tuple(size):
+    size = resized_shape(h, w, size, keep_ratio)
+    if (h, w) == size:
         return image, label
     image = resize_image(image, size, interpolation)
     if label is not None:
@@ -417,8 +434,16 @@ class TrainTransform:
     interpolation: str = "bicubic"  # image resize filter (resize_image); each script sets its official code's
 
     def __call__(self, image, label, rng):
-        if self.size is not None:
-            image, label = resize_pair(image, label, self.size, self.keep_ratio, self.interpolation)
+        return self.augment(*self.resize(image, label), rng)
+
+    def resize(self, image, label):
+        """The fixed part (no randomness): what a prepared copy stores (common/prepare.py)."""
+        if self.size is None:
+            return image, label
+        return resize_pair(image, label, self.size, self.keep_ratio, self.interpolation)
+
+    def augment(self, image, label, rng):
+        """The random part, drawing from the sample's generator: rescale, crop, flip."""
         if self.scale is not None:
             s = rng.uniform(*self.scale)
             image, label = resize_pair(image, label, (int(image.shape[0] * s + 0.5), int(image.shape[1] * s + 0.5)),
@@ -431,29 +456,257 @@ class TrainTransform:
         return image, label
 
 
+# ----------------------------------------------------------------------------------------------------
+# Prepared copies, read side (common/prepare.py writes them; README "Fast data loading: prepared copies").
+# A copy is one *store* per kind: `<kind>-<spec>.u8`, every frame's uint8 pixels after the fixed resize, back
+# to back (images HxWx3, labels HxW raw label values: the train-id table is applied on reading, so one copy
+# serves 19- and 16-class SYNTHIA), and `<kind>-<spec>.json`, the manifest: spec, per-frame shapes and the
+# size and mtime of each source file. Frames are memory-mapped, so a crop reads only its rows.
+PREPARED_FORMAT, PREPARED_VERSION = "uda-seg prepared copy", 1
+BUILTIN_FILES = ("gta", "synthia", "cityscapes")  # built-in domains read from files
+
+
+def store_name(kind, size=None, keep_ratio=False, interpolation="bicubic") -> str:
+    """`images-720x1280-bicubic`, `labels-704x1280-keep-cv2-nearest`, `labels-native` (no resize)."""
+    if size is None:
+        return f"{kind}-native"
+    if kind == "labels":  # labels are always resized nearest; only the nearest rule differs (resize_label)
+        interpolation = "cv2-nearest" if interpolation == "cv2-bilinear" else "nearest"
+    return f"{kind}-{size[0]}x{size[1]}{'-keep' if keep_ratio else ''}-{interpolation}"
+
+
+def prepared_dirs(split) -> list:
+    """Where the copies of `split` may live: <root>/prepared/<name>-<split>, else (a read-only data root)
+    ~/.cache/uda-seg/prepared/<name>-<split>-<hash of the root>."""
+    root = os.path.abspath(split.root)
+    tag = f"{split.name}-{split.split}"
+    return [os.path.join(root, "prepared", tag),
+            os.path.join(os.path.expanduser("~/.cache/uda-seg"), "prepared", f"{tag}-{zlib.crc32(root.encode()):08x}")]
+
+
+def prepare_command(split, size=None, keep_ratio=False, interpolation="bicubic", labels="resized") -> str:
+    """The command that makes (or rebuilds) the copy a dataset asks for."""
+    builtin = split.name in BUILTIN_FILES
+    parts = ["python -m common.prepare", split.name if builtin else split.root]
+    if builtin and os.path.normpath(split.root) != "data":
+        parts.append(f"--data-root {split.root}")
+    if split.split != "train":
+        parts.append(f"--split {split.split}")
+    if size is not None:
+        parts.append(f"--size {size[0]} {size[1]}" + (" --keep-ratio" if keep_ratio else ""))
+        if interpolation != "bicubic":
+            parts.append(f"--interpolation {interpolation}")
+    if labels != "resized":
+        parts.append(f"--labels {labels}")
+    return " ".join(parts)
+
+
+def source_key(split, i) -> str:
+    """How a manifest names frame i: its image path relative to the data root."""
+    return os.path.relpath(split.images[i], split.root)
+
+
+def file_stamp(path) -> list:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+class PreparedStore:
+    """One validated store; `frame(i)` is a read-only memory-mapped view of item i of the split."""
+
+    def __init__(self, data_path, shapes, channels, rows):
+        self.data_path, self.channels = data_path, channels
+        shapes = np.asarray(shapes, np.int64).reshape(-1, 2)
+        sizes = shapes[:, 0] * shapes[:, 1] * max(channels, 1)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self.shapes, self.rows = shapes, np.asarray(rows, np.int64)  # rows: split index -> store row
+        self._data, self._pid = None, None
+
+    def __getstate__(self):  # DataLoader workers map the file themselves; never pickle the mapping
+        return {**self.__dict__, "_data": None, "_pid": None}
+
+    def frame(self, i) -> np.ndarray:
+        if self._pid != os.getpid():
+            self._data, self._pid = np.memmap(self.data_path, np.uint8, mode="r"), os.getpid()
+        row = self.rows[i]
+        h, w = self.shapes[row]
+        shape = (h, w, self.channels) if self.channels else (h, w)
+        return self._data[self.offsets[row]:self.offsets[row] + h * w * max(self.channels, 1)].reshape(shape)
+
+
+def open_store(split, kind, size, keep_ratio, interpolation, labels_arg="resized"):
+    """The valid store of `split` for this spec, or None when there is none; UserError when one exists but is
+    stale or broken. A `-native` store also serves a spec that leaves every frame as it is."""
+    for name in dict.fromkeys([store_name(kind, size, keep_ratio, interpolation), store_name(kind)]):
+        for folder in prepared_dirs(split):
+            manifest_path = os.path.join(folder, name + ".json")
+            if os.path.isfile(manifest_path):
+                store = _validate_store(split, kind, manifest_path, size, keep_ratio,
+                                        prepare_command(split, size, keep_ratio, interpolation, labels_arg))
+                if store is not None:
+                    return store
+                break  # a native store that this spec would resize: look no further for it
+    return None
+
+
+def _validate_store(split, kind, manifest_path, size, keep_ratio, command):
+    """The store at manifest_path for split's frames; None when it is native and `size` would resize a frame."""
+    data_path = manifest_path[:-len(".json")] + ".u8"
+
+    def fail(state, why):
+        return UserError(f"prepared copy {data_path} is {state} ({why}): rebuild it with `{command}` or delete "
+                         f"{os.path.splitext(data_path)[0]}.{{u8,json}}")
+
+    try:
+        with open(manifest_path) as f:
+            m = json.load(f)
+        version = (m.get("format"), m.get("version"))
+        spec, items, channels = m["spec"], m["items"], int(m["channels"])
+        stored_size = tuple(spec["size"]) if spec["size"] is not None else None
+        stored_name = store_name(m["kind"], stored_size, spec["keep_ratio"], spec["interpolation"])
+        # item: [source key, source H, W, stored H, W, then size and mtime of the image (and label) file]
+        shapes = [(int(it[3]), int(it[4])) for it in items]
+        expected = [resized_shape(int(it[1]), int(it[2]), stored_size, spec["keep_ratio"]) for it in items]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise fail("broken", f"unreadable manifest {manifest_path}: {e!r}") from None
+    if version != (PREPARED_FORMAT, PREPARED_VERSION):
+        raise fail("stale", f"format version {m.get('version')}, this code reads version {PREPARED_VERSION}")
+    if stored_name != os.path.basename(manifest_path)[:-len(".json")] or (m.get("domain"), m.get("split")) != \
+            (split.name, split.split) or channels != (3 if kind == "images" else 0):
+        raise fail("broken", f"its manifest describes {stored_name} of {m.get('domain')} {m.get('split')}")
+    if stored_size is None and size is not None and \
+            any(resized_shape(h, w, size, keep_ratio) != (h, w) for h, w in shapes):
+        return None
+    bad = next((it[0] for it, shape, want in zip(items, shapes, expected) if shape != want), None)
+    if bad is not None:
+        raise fail("broken", f"frame {bad} has the wrong shape")
+    want_bytes = sum(h * w for h, w in shapes) * max(channels, 1)
+    have_bytes = os.path.getsize(data_path) if os.path.isfile(data_path) else -1
+    if have_bytes != want_bytes:
+        raise fail("broken", f"{have_bytes if have_bytes >= 0 else 'no'} data bytes, the manifest needs {want_bytes}")
+    row_of = {it[0]: row for row, it in enumerate(items)}
+    rows, missing, changed = [], [], []
+    for i in range(len(split)):
+        key = source_key(split, i)
+        row = row_of.get(key)
+        if row is None:
+            missing.append(key)
+            continue
+        rows.append(row)
+        sources = [split.images[i]] + ([split.labels[i]] if kind == "labels" else [])
+        try:
+            stamps = sum((file_stamp(p) for p in sources), [])
+        except OSError:
+            stamps = None
+        if stamps != items[row][5:]:
+            changed.append(key)
+    if missing:
+        raise fail("stale", f"{len(missing)} of the {len(split)} frames are not in it, e.g. {missing[0]}")
+    if changed:
+        raise fail("stale", f"{len(changed)} source files changed since it was made, e.g. {changed[0]}")
+    return PreparedStore(data_path, shapes, channels, rows)
+
+
+_ANNOUNCED = set()
+
+
+def _announce(message):
+    """One line per message and process, on the main rank only (torchrun sets RANK)."""
+    if message not in _ANNOUNCED and os.environ.get("RANK", "0") == "0":
+        _ANNOUNCED.add(message)
+        print(message, flush=True)
+
+
+class ResizedFrames:
+    """The frames of `split` after a fixed resize (size, keep_ratio, interpolation): read from a prepared copy
+    when a valid one exists, else decoded from the PNG files and resized. `native_label`: labels at full
+    resolution (evaluation). Calling it with an index returns (uint8 HxWx3 image, uint8 HxW train ids or None)."""
+
+    def __init__(self, split, size=None, keep_ratio=False, interpolation="bicubic", with_label=True,
+                 native_label=False, use_prepared=True):
+        self.split, self.keep_ratio, self.interpolation = split, keep_ratio, interpolation
+        self.size = tuple(int(v) for v in size) if size is not None else None
+        self.with_label, self.native_label = with_label, native_label
+        self.images = self.labels = None
+        if not use_prepared or split.toy is not None or split.root is None:
+            return
+        labels_arg = "none" if not with_label else "native" if native_label else "resized"
+        command = prepare_command(split, self.size, keep_ratio, interpolation, labels_arg)
+        images = open_store(split, "images", self.size, keep_ratio, interpolation, labels_arg)
+        labels = None
+        if with_label:
+            labels = open_store(split, "labels", None if native_label else self.size, keep_ratio, interpolation,
+                                labels_arg)
+        what = f"{split.name} {split.split} at {self.describe()}"
+        if images is not None and (labels is not None or not with_label):
+            self.images, self.labels = images, labels
+            folder = os.path.dirname(images.data_path)
+            _announce(f"data: {what} from the prepared copy in {folder} ({len(split)} frames, no PNG decoding)")
+        elif images is not None or labels is not None:
+            _announce(f"data: {what} from the PNG files: the prepared copy lacks the "
+                      f"{'labels' if images is not None else 'images'} (`{command}` adds them)")
+        elif split.name in BUILTIN_FILES:
+            _announce(f"data: {what} from the PNG files; `{command}` makes a prepared copy that loads several "
+                      f"times faster (README 'Fast data loading: prepared copies')")
+
+    def describe(self) -> str:
+        if self.size is None:
+            return "native size"
+        return (f"{'keep-ratio ' if self.keep_ratio else ''}{self.size[0]}x{self.size[1]} {self.interpolation}"
+                + (", full-resolution labels" if self.native_label and self.with_label else ""))
+
+    @property
+    def prepared(self) -> bool:
+        return self.images is not None
+
+    def __call__(self, index):
+        if self.images is not None:
+            label = self.split.train_ids(self.labels.frame(index), index) if self.with_label else None
+            return self.images.frame(index), label
+        image, label = self.split.load(index, self.with_label)
+        if self.native_label:
+            return resize_pair(image, None, self.size, interpolation=self.interpolation)[0], label
+        if self.size is None:
+            return image, label
+        return resize_pair(image, label, self.size, self.keep_ratio, self.interpolation)
+
+
 class SegDataset(torch.utils.data.Dataset):
     """Items: (image uint8 3xHxW, label uint8 HxW (empty when unlabelled), index).
 
     Training: indexed by (index, sample_seed) from InfiniteSampler; the transform draws from that seed.
     Evaluation (`eval_size` set): the image is resized to eval_size, the label stays at full resolution.
+    With a TrainTransform (or in evaluation) the frames come from a prepared copy when a valid one exists
+    (`frames`, ResizedFrames; use_prepared=False: always the PNG files); the random part of the transform then
+    runs on them exactly as on decoded PNGs.
     """
 
     def __init__(self, split: DomainSplit, transform=None, eval_size=None, with_label=True,
-                 eval_interpolation="bicubic"):
+                 eval_interpolation="bicubic", use_prepared=True):
         self.split, self.transform, self.eval_size = split, transform, eval_size
         self.eval_interpolation = eval_interpolation
         self.with_label = with_label and split.labelled
+        self.frames = None  # None: a custom transform (or none) gets the decoded frames as they are
+        if eval_size is not None:
+            self.frames = ResizedFrames(split, eval_size, False, eval_interpolation, self.with_label,
+                                        native_label=True, use_prepared=use_prepared)
+        elif isinstance(transform, TrainTransform):
+            self.frames = ResizedFrames(split, transform.size, transform.keep_ratio, transform.interpolation,
+                                        self.with_label, use_prepared=use_prepared)
 
     def __len__(self):
         return len(self.split)
 
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, 0)
-        image, label = self.split.load(index, self.with_label)
-        if self.eval_size is not None:
-            image, _ = resize_pair(image, None, self.eval_size, interpolation=self.eval_interpolation)
-        elif self.transform is not None:
-            image, label = self.transform(image, label, np.random.default_rng(seed))
+        if self.frames is not None:
+            image, label = self.frames(index)
+            if self.eval_size is None:
+                image, label = self.transform.augment(image, label, np.random.default_rng(seed))
+        else:
+            image, label = self.split.load(index, self.with_label)
+            if self.transform is not None:
+                image, label = self.transform(image, label, np.random.default_rng(seed))
         image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         label = torch.from_numpy(np.array(label)) if label is not None else torch.empty(0, dtype=torch.uint8)
         return image, label, index
