@@ -2,71 +2,98 @@
 
 Hoffman, Wang, Yu, Darrell, "FCNs in the Wild: Pixel-level Adversarial and Constraint-based Adaptation",
 arXiv 2016, https://arxiv.org/abs/1612.02649. There is NO official code and the paper states no
-hyperparameters: every numeric default here is THIRD-PARTY, from the unofficial TF1 code
-stu92054/Domain-adaptation-on-segmentation, FCNs_Wild/ (src/train_adv.py, src/custom_grad.py,
-models/model.py, scripts/train_syn2city.sh).
+hyperparameters. The method adapts a dilated VGG-16 front-end already trained on the source, so one run has
+two phases (`--adapt-start` splits them; `--preset paper`: 40,000 + 1,000 iterations):
+1. Source phase (iterations 0 .. 39,999): Yu & Koltun's front-end training, "Multi-Scale Context Aggregation
+   by Dilated Convolutions", ICLR 2016, Appendix A ("This procedure applies to all datasets"): SGD, mini-batches
+   of 8 (crops), learning rate 1e-4, momentum 0.99; A.3: the Cityscapes front-end for 40K iterations. The
+   solver and layer settings are fyu/dilation's: train.py make_solver (weight_decay 0.0005, L2; lr policy
+   "step" x0.1 every 100,000 iterations, i.e. constant over 40K), network.py build_frontend_vgg (weights lr x1
+   and decay x1, biases lr x2 and no decay, fc8 "final" N(0, 0.001)). Neither paper nor third-party code says
+   how long the GTA5/SYNTHIA front-ends were trained (the TF code restores a front-end it downloads,
+   scripts/train_syn2city.sh:3, scripts/download_src.sh:2-5): 40K is Yu & Koltun's Cityscapes count
+   (project choice). Its result is the paper's "source only" row: evaluated at iteration 40,000
+   (`--eval-every 1000`) and saved as checkpoints/source_phase.pt (`--init` or `--eval-only --weights`).
+2. Adaptation phase (1,000 updates): the unofficial TF1 code stu92054/Domain-adaptation-on-segmentation,
+   FCNs_Wild/ (THIRD-PARTY values; file:line below are of that folder).
 Recipe (source_only.py plus the method; the network is not DeepLab-v2 but the dilated VGG-16 front-end):
-- Network: Yu & Koltun's VGG-16 front-end: pool4/pool5 removed, conv5 dilation 2, fc6 7x7 conv
-  512->4096 dilation 4 pad 12, fc7 1x1 4096->4096 (ReLU + Dropout 0.5 each), fc8 1x1 -> C, output stride 8.
-  ImageNet init: torchvision VGG-16 (classifier.0/classifier.3 reshaped into fc6/fc7). The paper adapts
-  a source-trained front-end: train one with `--no-global --no-category` (= source only), then
-  `--init <that run>/checkpoints/last.pt`.
+- Network: Yu & Koltun's VGG-16 front-end (models/model.py:81-108): pool4/pool5 removed, conv5 dilation 2,
+  fc6 7x7 conv 512->4096 dilation 4 pad 12, fc7 1x1 4096->4096 (ReLU + Dropout 0.5 each), fc8 1x1 -> C,
+  output stride 8. ImageNet init: torchvision VGG-16 (classifier.0/classifier.3 reshaped into fc6/fc7).
 - GA (global alignment): a fully convolutional domain classifier D on the fc7 cells (1x1 convs
-  4096->1024->1024->1 logit, ReLU + Dropout 0.5), every cell one instance. Domain labels source 0,
-  target 1 (repo convention, methods.md 0.2; the third-party code uses source 1, only the sign differs).
-  D minimises its BCE on detached features; the features minimise the confusion loss
-  1/2 (L_D + L_Dinv) (= BCE toward 1/2 per cell) with D fixed. Alternating objectives, no gradient reversal.
-- CA (category-specific adaptation, on target images): per-class pixel-fraction statistics of the
-  source labels over the images containing the class (alpha = 10th percentile, delta = mean,
-  gamma = 90th percentile; cached as JSON, printed in the log). Class c is present in a target image if
-  its argmax fraction exceeds 0.1 alpha_c (absent: P(c) = 0). P = argmin KL(P||Q) subject to
-  mean P(c) >= delta_c (slack, weight 2) and mean P(c) <= gamma_c (hard), i.e. P prop. to
-  Q exp(lambda_c - mu_c), solved by projected gradient ascent on the dual. Loss KL(P||Q)/N with P fixed
-  (logit gradient (Q - P)/N), gradient x0.1 for large classes (alpha_c > 0.1: road, building,
-  vegetation on GTA5/SYNTHIA). Q: softmax of the x8-upsampled prediction, subsampled x4.
-- Optimisation (third-party): one Adam per objective, each with its own moments, so the learning-rate
-  multipliers act as in the TF code (with Adam a multiplier on a loss would be normalised away):
-  task (F + fc8, lr 1e-6, wd 5e-4 on fc6/fc7/fc8), D (lr x10), confusion (F = conv1..fc7, lr x
-  2/(1+exp(-10 t/T)) - 1), CA (F + fc8, lr x0.1). All gradients are taken at the same parameters from one
+  4096->1024->1024->1 logit, ReLU + Dropout 0.5, N(0, 0.001) init; model.py:161-185, 283-284), every cell
+  one instance. Domain labels source 0, target 1, as the TF code (src/data_reader.py:88, 96) and methods.md 0.2.
+  D minimises its BCE on detached features; the features minimise the confusion loss 1/2 (L_D + L_Dinv)
+  (= BCE toward 1/2 per cell; src/train_adv.py:125) with D fixed. Alternating objectives, no gradient
+  reversal. `d_acc` in metrics.jsonl is D's cell accuracy (the TF code's GA_domain_accur, model.py:176).
+- CA (category-specific adaptation, on target images; src/custom_grad.py): per-class pixel-fraction
+  statistics of the source labels over the images containing the class (alpha = 10th percentile, delta =
+  mean, gamma = 90th percentile; cached as JSON, printed in the log; the TF code hard-codes its own,
+  custom_grad.py:25-58). Class c is present in a target image if its argmax fraction exceeds 0.1 alpha_c
+  (:85; absent: P(c) = 0, :87). P = argmin KL(P||Q) subject to mean P(c) >= delta_c (slack, weight 2; :16,
+  :95) and mean P(c) <= gamma_c (hard, :96), i.e. P prop. to Q exp(lambda_c - mu_c), solved by projected
+  gradient ascent on the dual. Loss KL(P||Q)/N with P fixed (logit gradient (Q - P)/N, :104, :109),
+  gradient x0.1 for road, building and vegetation (:126-128, fixed by name; `--ca-large-classes`). Q:
+  softmax of the x8-upsampled prediction, subsampled x4 (:20, :64).
+- Optimisation (third-party): one Adam per objective, each with its own moments (train_adv.py:185-188), so
+  the learning-rate multipliers act as in the TF code (with Adam a multiplier on a loss would be
+  normalised away): task (F + fc8, lr 1e-6, :292), D (lr x10, :296), confusion (F = conv1..fc7, lr x
+  2/(1+exp(-10 t/T)) - 1, :297), CA (F + fc8, lr x0.1, :299). Weight decay 5e-4 (model.py:35) on the
+  weights of conv1_1..conv5_3 and fc6 only, through the task objective: the TF code adds their L2 to the
+  task loss (get_conv_filter, model.py:381-383; fc6 is built by _dilated_conv_layer, :102), while fc7 and
+  fc8 (get_fc_weight_reshape, :507-515; their L2 goes to the unused "fc_wlosses" collection, :247), biases
+  and D ("dec_losses", :484-489) are not decayed. All gradients are taken at the same parameters from one
   source and one target forward (one autograd.grad per objective), then every optimiser steps.
-  Constant lr (poly power 0). 512x256 inputs (no crop), evaluation at 512x256.
+  Constant lr (poly power 0). 512x256 inputs (no crop; train_adv.py:22-23), evaluation at 512x256
+  (src/infer.py:27-28, 178).
+- Resizing: images with OpenCV INTER_LINEAR (`cv2-bilinear`: cv2.resize's default, no antialiasing;
+  data_reader.py:71, 79 for training, infer.py:178 for evaluation); labels nearest (OpenCV INTER_NEAREST,
+  data_reader.py:73).
+- Mixed precision: on CUDA the forward and backward passes run under bf16 autocast (fp16 with a GradScaler
+  where bf16 is missing) with TF32 matmuls by default; the paper trained in fp32 (`--no-amp` gives fp32).
+  Losses, softmax, the domain BCE, the CA presence test and constraint solve (dual ascent on the softmax)
+  and the evaluation upsampling and argmax are computed in fp32.
 Reported (paper, mIoU): GTA5->Cityscapes source only 21.1, GA 25.5, GA+CA 27.1;
 SYNTHIA->Cityscapes 14.7 / 16.6 / 17.0 (mean over 19 columns; 20.2 over 16 classes).
-`--no-global` / `--no-category` give the ablation rows; both = source only.
+`--no-global-alignment` / `--no-category-alignment` give the ablation rows.
 
-Deviations from the third-party code (train_adv.py):
+Deviations:
 - Units: one iteration here is one optimiser update of `--batch-size` source + as many target images,
   split into `--grad-accum` micro-batches. The TF code counts micro-steps (batch 8 = 4+4, iter_size 2,
-  max_step 2000 = 1000 updates of 8+8; its ramp scale 1200 micro-steps = 600 updates), hence
-  batch 8, grad accumulation 2, 1000 iterations and ramp 600 here. It applies its CA update every
-  micro-step without accumulation; here CA is accumulated like the other objectives.
+  max_step 2000 = 1000 updates of 8+8, scripts/train_syn2city.sh:8-10; its ramp scale 1200 micro-steps =
+  600 updates), hence batch 8, grad accumulation 2, 1000 adaptation iterations and ramp 600 here. It
+  applies its CA update every micro-step without accumulation (train_adv.py:248); here CA is accumulated
+  like the other objectives.
 - The TF code runs task, D and confusion in three sess.run calls (three forwards, sequential updates)
   and averages D over 2 softmax logits; here one forward per domain, gradients at the same point, and a
   1-logit BCE domain classifier (equivalent). It keeps an EMA of the weights that nothing reads: not kept.
+  Its task loss is the masked cross-entropy averaged over all pixels, ignored ones included
+  (model.py:144-150); here over the valid pixels (seg_loss, as source_only.py).
 - Upsampling: bilinear interpolation of the stride-8 logits (align_corners=True, as source_only.py)
-  instead of a 16x16/8 deconvolution initialised bilinear (the same operator up to border handling).
+  instead of a learned 16x16/8 deconvolution (model.py:301-336, restored from the front-end file), so
+  there is no upsampling filter to decay (the TF code decays it, model.py:366-368).
 - CA: the CCNN C++ solver is replaced by projected gradient ascent on the dual (`--ca-solver-steps`);
-  the CA gradient is averaged over the batch's target images (the TF code sums them; Adam removes the scale).
+  the CA gradient is averaged over the batch's target images (the TF code sums them; Adam removes the scale);
+  the most frequent predicted class always counts as present (so P is defined).
+- Source phase: whole frames resized to 512x256 (the adaptation's input) instead of Yu & Koltun's 628x628
+  crops of reflection-padded images (their network pads no layer; this one pads every layer), and the loss
+  on the upsampled logits at label resolution instead of on labels sliced at stride 8 (network.py
+  make_image_label_data). Between the phases the task Adam starts with empty moments (the TF code builds
+  fresh Adams around the restored front-end, train_adv.py:185-188, 266-270).
 - Normalisation follows the init (ImageNet mean/std for torchvision weights) instead of per-dataset BGR
-  means; weight decay is applied by the task optimiser to fc6/fc7/fc8 as the TF code's L2 terms.
+  means (model.py:14-20, 63-69).
 - No DDP wrapper: several backward passes over one forward are not supported by DDP, so each objective's
   gradients are averaged over the ranks with one all_reduce per step.
 - D is initialised from seed + 1 in a forked RNG, and the class statistics leave the RNG alone too, so a
-  run's source-only iterations (before --adapt-start) equal those of the --no-global --no-category run.
+  run's source phase equals the same run with --no-global-alignment --no-category-alignment.
 - `--preset quick` (toy domains, CPU): source_only.py's shared values (400 iterations, batch 4, seed 0,
-  poly 0.9 over 400, 96x192 frames) with `vgg16_small` trained from scratch (`--init none`) by Adam 3e-4
-  (1e-6 is meant for fine-tuning a trained front-end), no grad accumulation, and the paper's two-stage
-  protocol inside one run: `--adapt-start 200` source-only iterations (the source-trained front-end; they are
-  bit-identical to the first 200 iterations of the same run with --no-global --no-category), then 200 GA+CA
-  iterations with the third-party lr ratios unchanged (D x10, confusion x ramp, CA x0.1 of the task lr) and
-  the confusion ramp over 0.6 x 200 = 120 iterations (as 1200 of 2000 micro-steps). Paper equivalent:
-  `--adapt-start 0` and a separate source-only run passed as `--init`. GA+CA from scratch (adapt-start 0)
-  collapses the fc7 features of a random network; `--adapt-lr-mult` (project addition, default 1 = the
-  third-party ratios) scales the D, confusion and CA lrs against the task lr (0.01 ties with source only).
-  Toy result (benchmarks/fcn_wild.md): GA+CA beats the same network trained source-only at seed 0 (19.5 vs
-  15.2) but not over seeds 0-4 (mean 16.1 vs 18.1); CA alone (`--no-global`) beats it at each of seeds 0-3
-  (mean +2.1), GA alone loses (-4.3): the toy domains' label shift (building 1.8x, person 3x the source share)
-  makes marginal fc7 alignment map those classes away.
+  poly 0.9 over the run, 96x192 frames) with `vgg16_small` trained from scratch (`--init none`) by Adam 3e-4
+  in both phases (`--source-optimizer adam`: the task Adam; 1e-6 is meant for fine-tuning a trained
+  front-end), no grad accumulation, `--adapt-start 200` source-phase iterations, then 200 GA+CA iterations
+  with the third-party lr ratios unchanged (D x10, confusion x ramp, CA x0.1 of the task lr) and the
+  confusion ramp over 0.6 x 200 = 120 iterations (as 1200 of 2000 micro-steps). `--adapt-lr-mult`
+  (project addition, default 1 = the third-party ratios) scales the D, confusion and CA lrs against the task
+  lr. Toy results and why GA+CA trails the same network trained source-only there: benchmarks/fcn_wild.md.
 Docs: README.md, section "Methods"; benchmarks/fcn_wild.md.
 """
 import dataclasses
@@ -107,12 +134,13 @@ class Args:
     """dilated VGG-16 front-end: vgg16 (paper) or vgg16_small (channels /8, fc6/fc7 512 wide, for CPU runs)"""
     init: str = "imagenet"
     """imagenet (torchvision VGG-16), none (random) or a local file (a torchvision vgg16 state dict or a
-    checkpoint of this script, e.g. a source-only run with --no-global --no-category: the paper's start)"""
-    iters: int = 1000
-    """training iterations = optimiser updates (third-party: 2000 micro-steps of 4+4 = 1000 updates of 8+8)"""
+    checkpoint of this script, e.g. checkpoints/source_phase.pt of an earlier run, with --adapt-start 0)"""
+    iters: int = 41000
+    """training iterations = optimiser updates, both phases (paper: 40,000 source-phase iterations (Yu & Koltun's
+    Cityscapes front-end) + 1,000 adaptation updates (third-party: 2000 micro-steps of 4+4 = 1000 updates of 8+8))"""
     batch_size: int = 8
-    """global source batch per update (as many target images), split over torchrun processes and
-    --grad-accum micro-batches (third-party: 8 = 2 micro-batches of 4)"""
+    """global source batch per update (as many target images while adapting), split over torchrun processes and
+    --grad-accum micro-batches (Yu & Koltun: 8 crops; third-party: 8 = 2 micro-batches of 4)"""
     crop_size: Optional[list[int]] = None
     """random crop H [W] after resizing; none trains on whole resized frames (paper: none)"""
     lr: float = 1e-6
@@ -125,10 +153,11 @@ class Args:
     """mixed precision on CUDA (bf16 where supported, else fp16 with a GradScaler)"""
     num_workers: int = 4
     """data-loading processes per training process"""
-    eval_every: int = 250
-    """evaluate on the target val split every N iterations (0: only at the end)"""
-    checkpoint_every: int = 100
-    """write checkpoints/last.pt every N iterations (third-party: every 200 micro-steps = 100 updates)"""
+    eval_every: int = 1000
+    """evaluate on the target val split every N iterations (0: only at the end); paper: 1000, so iteration 40,000
+    (the end of the source phase) is evaluated: the paper's source-only row"""
+    checkpoint_every: int = 1000
+    """write checkpoints/last.pt every N iterations"""
     out: Optional[str] = None
     """run folder (default runs/<script>-<source>2<target>-s<seed>-<timestamp>)"""
     resume: Optional[str] = None
@@ -158,7 +187,8 @@ class Args:
     normalization: Literal["auto", "imagenet", "caffe"] = "auto"
     """input normalisation; auto: what the init expects (imagenet for torchvision weights, a checkpoint's own)"""
     weight_decay: float = 5e-4
-    """L2 weight decay of fc6/fc7/fc8 in the task optimiser (third-party: 5e-4)"""
+    """L2 weight decay: source phase (SGD) every weight, no bias (Yu & Koltun: 5e-4); adaptation phase the
+    weights of conv1_1..conv5_3 and fc6 in the task Adam (third-party: 5e-4; fc7, fc8, biases and D undecayed)"""
     head_lr_mult: float = 1.0
     """learning-rate multiplier of fc8 in the task and CA optimisers (third-party: 1)"""
     poly_horizon: Optional[int] = None
@@ -179,9 +209,16 @@ class Args:
     """T of the confusion lr multiplier 2/(1+exp(-10 t/T)) - 1 (third-party: 1200 micro-steps = 600 updates)"""
     ca_lr_mult: float = 0.1
     """learning-rate multiplier of the CA Adam (third-party: 0.1)"""
-    adapt_start: int = 0
-    """iterations of source-only training inside this run before GA and CA start; the confusion ramp counts from
-    here (paper: 0, the adaptation starts from a source-trained front-end given by --init)"""
+    adapt_start: int = 40000
+    """source-phase iterations (source-only training of the front-end) before GA and CA start; the confusion ramp
+    counts from here; 0 adapts the --init weights at once (paper: 40,000, Yu & Koltun's Cityscapes front-end)"""
+    source_optimizer: Literal["sgd", "adam"] = "sgd"
+    """optimiser of the source phase: sgd (Yu & Koltun: --source-lr, --source-momentum, biases at 2x the lr and
+    undecayed) or adam (the task Adam at --lr, which continues into the adaptation phase; quick preset)"""
+    source_lr: float = 1e-4
+    """SGD learning rate of the source phase (Yu & Koltun, Appendix A: 1e-4)"""
+    source_momentum: float = 0.99
+    """SGD momentum of the source phase (Yu & Koltun, Appendix A: 0.99)"""
     adapt_lr_mult: float = 1.0
     """multiplier of the D, confusion and CA learning rates relative to the task lr, on top of d_lr_mult, the ramp
     and ca_lr_mult (third-party: 1, all multiples of the one lr 1e-6)"""
@@ -191,11 +228,11 @@ class Args:
     """class c is present in a target image if its argmax fraction > ca_presence * alpha_c (third-party: 0.1)"""
     ca_slack: float = 2.0
     """slack weight of the lower bound delta_c, i.e. the cap of its dual variable (third-party: 2)"""
-    ca_large_alpha: float = 0.1
-    """classes with alpha_c above this are large: CA gradient scaled by ca_large_weight (third-party: road,
-    building, vegetation)"""
+    ca_large_classes: list[str] = field(default_factory=lambda: ["road", "building", "vegetation"])
+    """class names whose CA gradient is scaled by --ca-large-weight; names the class list lacks are listed in the
+    log (third-party: road, building, vegetation)"""
     ca_large_weight: float = 0.1
-    """CA gradient factor of the large classes (third-party: 0.1)"""
+    """CA gradient factor of the --ca-large-classes (third-party: 0.1)"""
     ca_solver_steps: int = 100
     """projected gradient ascent steps on the dual of the constrained projection (project choice)"""
     ca_solver_step_size: float = 2.0
@@ -213,9 +250,10 @@ PRESETS = {
     "quick": dict(source="toy-synth", target="toy-real", backbone="vgg16_small", init="none", iters=400, batch_size=4,
                   lr=3e-4, eval_every=0, checkpoint_every=100, num_workers=1, log_every=10, poly_horizon=None,
                   seed=0, source_size=[96, 192], target_size=[96, 192],
-                  poly_power=0.9, grad_accum=1, adapt_start=200, confusion_ramp_iters=120),
+                  poly_power=0.9, grad_accum=1, adapt_start=200, source_optimizer="adam", confusion_ramp_iters=120),
 }
 FCN_INPUT_SIZE = [256, 512]  # H W of every real dataset (third-party: 512x256, resize only)
+RESIZE = "cv2-bilinear"  # cv2.resize's default INTER_LINEAR for images, INTER_NEAREST labels (data_reader.py:71-79)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -251,7 +289,7 @@ class VGG16FrontEnd(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
-        nn.init.normal_(self.fc8.weight, 0, 0.01)
+        nn.init.normal_(self.fc8.weight, 0, 0.001)  # fyu/dilation network.py: "final" gaussian std 0.001
 
     def forward(self, x):
         x = self.dropout(F.relu(self.fc6(self.features(x))))
@@ -263,14 +301,26 @@ class VGG16FrontEnd(nn.Module):
         return [p for n, p in self.named_parameters() if not n.startswith("fc8.")]
 
     def param_groups(self, lr, head_lr_mult, weight_decay=0.0):
-        """conv layers (no decay), fc6/fc7 (decay), fc8 (decay, head_lr_mult)."""
+        """Adaptation phase (third-party): the weights of conv1_1..conv5_3 and fc6 (decay), the rest of F: biases
+        and fc7 (no decay), fc8 (no decay, head_lr_mult). The TF code's L2 terms, models/model.py:381-383, 247."""
         named = list(self.named_parameters())
-        convs = [p for n, p in named if n.startswith("features.")]
-        fcs = [p for n, p in named if n.startswith(("fc6.", "fc7."))]
+        decayed = [p for n, p in named if n.endswith(".weight") and n.startswith(("features.", "fc6."))]
+        rest = [p for n, p in named if not n.startswith("fc8.") and not any(p is q for q in decayed)]
         head = [p for n, p in named if n.startswith("fc8.")]
-        return [{"params": convs, "lr": lr, "lr_mult": 1.0, "weight_decay": 0.0},
-                {"params": fcs, "lr": lr, "lr_mult": 1.0, "weight_decay": weight_decay},
-                {"params": head, "lr": lr * head_lr_mult, "lr_mult": head_lr_mult, "weight_decay": weight_decay}]
+        return [{"params": decayed, "lr": lr, "lr_mult": 1.0, "weight_decay": weight_decay},
+                {"params": rest, "lr": lr, "lr_mult": 1.0, "weight_decay": 0.0},
+                {"params": head, "lr": lr * head_lr_mult, "lr_mult": head_lr_mult, "weight_decay": 0.0}]
+
+    def caffe_sgd_groups(self, lr, head_lr_mult, weight_decay):
+        """Source phase (Yu & Koltun, fyu/dilation network.py): every weight at lr x1 with decay, every bias at
+        lr x2 without; fc8 additionally at head_lr_mult."""
+        groups, named = [], list(self.named_parameters())
+        for is_head in (False, True):
+            mult = head_lr_mult if is_head else 1.0
+            for suffix, lr_mult, decay in ((".weight", mult, weight_decay), (".bias", 2 * mult, 0.0)):
+                params = [p for n, p in named if n.endswith(suffix) and n.startswith("fc8.") == is_head]
+                groups.append({"params": params, "lr": lr * lr_mult, "lr_mult": lr_mult, "weight_decay": decay})
+        return groups
 
 
 class DomainClassifier(nn.Module):
@@ -463,14 +513,23 @@ def ca_loss(logits_sub, p, class_weight):
 
 
 def ca_objective(logits_t, size, stats, args):
-    """Upsample the target logits to the input size, keep every k-th pixel, build P, return the CA loss."""
-    up = F.interpolate(logits_t.float(), size=size, mode="bilinear", align_corners=True)
-    sub = up[:, :, ::args.ca_subsample, ::args.ca_subsample]
-    with torch.no_grad():
-        present = presence(sub, stats["alpha"], args.ca_presence)
-        p = constrained_projection(sub.softmax(1).flatten(2), present, stats["delta"], stats["gamma"],
-                                   args.ca_slack, args.ca_solver_steps, args.ca_solver_step_size).view_as(sub)
-    return ca_loss(sub, p, stats["weight"])
+    """Upsample the target logits to the input size, keep every k-th pixel, build P, return the CA loss.
+    fp32 throughout, also when called under autocast: the presence test and the dual ascent are thresholded."""
+    with torch.autocast(logits_t.device.type, enabled=False):
+        up = F.interpolate(logits_t.float(), size=size, mode="bilinear", align_corners=True)
+        sub = up[:, :, ::args.ca_subsample, ::args.ca_subsample]
+        with torch.no_grad():
+            present = presence(sub, stats["alpha"], args.ca_presence)
+            p = constrained_projection(sub.softmax(1).flatten(2), present, stats["delta"], stats["gamma"],
+                                       args.ca_slack, args.ca_solver_steps, args.ca_solver_step_size).view_as(sub)
+        return ca_loss(sub, p, stats["weight"])
+
+
+def large_class_weight(classes, large_names, factor):
+    """(C,) CA gradient factor: `factor` for the named classes, 1 elsewhere (the TF code fixes road, building and
+    vegetation of the 19 Cityscapes classes, custom_grad.py:126-128); also the names not in `classes`."""
+    weight = torch.tensor([factor if c in large_names else 1.0 for c in classes])
+    return weight, [name for name in large_names if name not in classes]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -481,11 +540,17 @@ def build_disc(backbone, device):
 
 
 def build_optimizers(model, disc, args):
-    """One Adam per objective -> (params, optimizers), both keyed task / d / conf / ca. The lr multipliers
-    sit in each group's lr_mult (set_lr), so each objective moves its parameters at its own rate."""
+    """One Adam per objective -> (params, optimizers), both keyed task / d / conf / ca (+ source: the source
+    phase's SGD). The lr multipliers sit in each group's lr_mult (set_lr), so each objective moves its
+    parameters at its own rate."""
     params = {"task": [p for p in model.parameters()]}
     task_groups = model.param_groups(args.lr, args.head_lr_mult, args.weight_decay)
     optimizers = {"task": torch.optim.Adam(task_groups, lr=args.lr)}
+    if args.adapt_start > 0 and args.source_optimizer == "sgd":  # the front-end's own training (Yu & Koltun)
+        params["source"] = params["task"]
+        optimizers["source"] = torch.optim.SGD(model.caffe_sgd_groups(args.source_lr, args.head_lr_mult,
+                                                                      args.weight_decay),
+                                               lr=args.source_lr, momentum=args.source_momentum)
     if disc is not None:  # D on its loss (lr x10); the features F on the confusion loss (lr x ramp, set per step)
         params["d"], params["conf"] = list(disc.parameters()), model.feature_params()
         optimizers["d"] = torch.optim.Adam([{"params": params["d"], "lr_mult": args.d_lr_mult}], lr=args.lr)
@@ -498,11 +563,40 @@ def build_optimizers(model, disc, args):
 
 
 def objective_lrs(task_lr, it, args):
-    """Base lr of each objective's Adam at iteration `it` (each group's lr_mult applies on top: D x10, CA x0.1).
-    The adaptation objectives run at adapt_lr_mult times the task lr; the confusion ramp starts at adapt_start."""
+    """Base lr of each objective's optimiser at iteration `it` (each group's lr_mult applies on top: D x10, CA
+    x0.1). The adaptation objectives run at adapt_lr_mult times the task lr; the confusion ramp starts at
+    adapt_start; the source phase's SGD follows the same schedule from --source-lr."""
     adapt_lr = task_lr * args.adapt_lr_mult
     ramp = confusion_ramp(it - args.adapt_start, args.confusion_ramp_iters) if it >= args.adapt_start else 0.0
-    return {"task": task_lr, "d": adapt_lr, "conf": adapt_lr * ramp, "ca": adapt_lr}
+    source_lr = poly_lr(args.source_lr, it, args.poly_horizon, args.poly_power)
+    return {"task": task_lr, "d": adapt_lr, "conf": adapt_lr * ramp, "ca": adapt_lr, "source": source_lr}
+
+
+# flags that only a part of the method reads: typing one while that part is off is a mistake, not a no-op
+PART_FLAGS = {"global_alignment": ("d_lr_mult", "confusion_ramp_iters"),
+              "category_alignment": ("ca_lr_mult", "ca_subsample", "ca_presence", "ca_slack", "ca_large_classes",
+                                     "ca_large_weight", "ca_solver_steps", "ca_solver_step_size", "stats_images")}
+
+
+def check_flags(args):
+    """One-line errors for flags that would not act with the other flags given."""
+    given = getattr(args, "given", frozenset())
+    if args.adapt_start < 0 or args.adapt_lr_mult < 0:
+        raise UserError(f"--adapt-start {args.adapt_start} and --adapt-lr-mult {args.adapt_lr_mult} must be >= 0")
+    for part, names in PART_FLAGS.items():
+        typed = [n for n in names if n in given]
+        if typed and not getattr(args, part):
+            raise UserError(f"--{typed[0].replace('_', '-')} has no effect with --no-{part.replace('_', '-')}")
+    if not (args.global_alignment or args.category_alignment) and "adapt_lr_mult" in given:
+        raise UserError("--adapt-lr-mult has no effect without global or category alignment")
+    if ({"source_optimizer", "source_lr", "source_momentum"} & given) and args.adapt_start == 0:
+        raise UserError("--source-optimizer, --source-lr and --source-momentum set the source phase: they need "
+                        "--adapt-start > 0")
+    if ({"source_lr", "source_momentum"} & given) and args.source_optimizer != "sgd":
+        raise UserError("--source-lr and --source-momentum set the source phase's SGD: they need "
+                        "--source-optimizer sgd")
+    if args.weights and not args.eval_only:
+        raise UserError("--weights is read by --eval-only; to start training from a checkpoint use --init PATH")
 
 
 def objective_grads(objectives, params, scaler):
@@ -552,8 +646,7 @@ def main():
     ckpt_path = resume_path(args.resume, out_dir)
 
     # ALGO LOGIC: networks and optimisers
-    if args.adapt_start < 0 or args.adapt_lr_mult < 0:
-        raise UserError(f"--adapt-start {args.adapt_start} and --adapt-lr-mult {args.adapt_lr_mult} must be >= 0")
+    check_flags(args)
     if args.batch_size % (rt.world * args.grad_accum):
         raise UserError(f"--batch-size {args.batch_size} must divide by {rt.world} processes x --grad-accum "
                         f"{args.grad_accum}")
@@ -610,7 +703,8 @@ def main():
             summary = evaluate_target(lambda x: model(to_input(x))[1], target_val, rt, align_corners=True, log=log,
                                       num_predictions=args.num_predictions if final else 0, limit=args.eval_limit,
                                       eval_size=eval_size, pred_map=pred_map,
-                                      synthia_protocols=args.source == "synthia" and len(eval_classes) == 19)
+                                      synthia_protocols=args.source == "synthia" and len(eval_classes) == 19,
+                                      interpolation=RESIZE)
         model.train()
         return summary
 
@@ -631,7 +725,8 @@ def main():
 
     # ALGO LOGIC: data
     source_train = domain_split(args.source, "train", args.data_root, synthia_classes=args.synthia_classes)
-    source_transform = TrainTransform(size=args.source_size or source_train.paper_size, crop=args.crop_size)
+    source_transform = TrainTransform(size=args.source_size or source_train.paper_size, crop=args.crop_size,
+                                      interpolation=RESIZE)
     per_rank_batch = args.batch_size // rt.world // args.grad_accum
     source_batches = train_loader(SegDataset(source_train, source_transform), per_rank_batch, args.seed,
                                   start_iter, rt.rank, rt.world * args.grad_accum, num_workers=args.num_workers,
@@ -639,7 +734,8 @@ def main():
     use_target = args.global_alignment or args.category_alignment
     if use_target:  # its own sample stream (seed offset), distinct from every rank's source stream
         target_train = domain_split(args.target, "train", args.data_root, labelled=False)
-        target_transform = TrainTransform(size=args.target_size or target_train.paper_size, crop=args.crop_size)
+        target_transform = TrainTransform(size=args.target_size or target_train.paper_size, crop=args.crop_size,
+                                          interpolation=RESIZE)
         target_start = max(start_iter - args.adapt_start, 0) * args.grad_accum  # read only while adapting
         target_batches = train_loader(SegDataset(target_train, target_transform, with_label=False), per_rank_batch,
                                       args.seed + 100_003, target_start, rt.rank, rt.world,
@@ -660,10 +756,11 @@ def main():
         rt.barrier()
         with open(log.path("class_stats.json")) as f:
             stats = json.load(f)
-        alpha = torch.tensor(stats["alpha"], device=rt.device)
-        ca_stats = {"alpha": alpha, "delta": torch.tensor(stats["delta"], device=rt.device),
-                    "gamma": torch.tensor(stats["gamma"], device=rt.device),
-                    "weight": torch.where(alpha > args.ca_large_alpha, args.ca_large_weight, 1.0)}
+        large_weight, unknown = large_class_weight(classes, args.ca_large_classes, args.ca_large_weight)
+        print(f"CA gradient x{args.ca_large_weight} for {', '.join(c for c in args.ca_large_classes if c in classes)}"
+              + (f" (not in this class list: {', '.join(unknown)})" if unknown else ""))
+        ca_stats = {key: torch.tensor(stats[key], device=rt.device) for key in ("alpha", "delta", "gamma")}
+        ca_stats["weight"] = large_weight.to(rt.device)
     train_model = model  # no DDP wrapper: gradients are averaged by average_over_ranks
 
     # TRY NOT TO MODIFY: training loop
@@ -676,11 +773,18 @@ def main():
         set_lr(optimizer, lr)
 
         # ALGO LOGIC: one iteration = grad_accum micro-batches of source (+ target) images, one step per objective
-        adapting = it >= args.adapt_start  # before: source-only training, the paper's source-trained start
+        adapting = it >= args.adapt_start  # before: the source phase, the front-end the paper adapts
         use_ga, use_ca = args.global_alignment and adapting, args.category_alignment and adapting
-        for name, objective_lr in objective_lrs(lr, it, args).items():
+        source_sgd = not adapting and "source" in optimizers  # else the task Adam fits the source labels
+        if it == args.adapt_start > 0 and rt.is_main:  # keep the source-phase front-end (the source-only row)
+            save_checkpoint(log.path("checkpoints", "source_phase.pt"), {
+                "script": SCRIPT, "num_classes": num_classes, "iter": it, "normalization": norm,
+                "args": dataclasses.asdict(args), "model": unwrap(model).state_dict()})
+        lrs = objective_lrs(lr, it, args)
+        for name, objective_lr in lrs.items():
             if name != "task" and name in optimizers:
                 set_lr(optimizers[name], objective_lr)
+        lr = lrs["source"] if source_sgd else lr  # the logged lr is that of the optimiser fitting the source
         grads, losses = {}, {}
         for _ in range(args.grad_accum):
             images, labels, _ = next(source_batches)
@@ -699,6 +803,7 @@ def main():
                 objectives["d"] = parts["d_main"] = 0.5 * (domain_bce(d_s, SOURCE_LABEL)
                                                            + domain_bce(d_t, TARGET_LABEL))
                 objectives["conf"] = parts["adv_main"] = 0.5 * (confusion_loss(d_s) + confusion_loss(d_t))
+                parts["d_acc"] = 0.5 * ((d_s < 0).float().mean() + (d_t > 0).float().mean())  # cells D gets right
             if use_ca:
                 objectives["ca"] = parts["ca"] = ca_objective(logits_t, target_images.shape[-2:], ca_stats, args)
             micro = objective_grads(objectives, {name: params[name] for name in objectives}, rt.scaler)
@@ -707,6 +812,8 @@ def main():
             for key, value in parts.items():
                 losses[key] = losses.get(key, 0.0) + value.detach() / args.grad_accum
         grads = average_over_ranks({name: [g / args.grad_accum for g in gs] for name, gs in grads.items()}, rt)
+        if source_sgd:
+            grads["source"] = grads.pop("task")
         step_objectives(optimizers, params, grads, rt.scaler)
         rt.scaler.update()
 

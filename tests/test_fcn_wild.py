@@ -17,7 +17,10 @@ from common.cli import UserError, field_docs
 from conftest import ROOT, run_script
 
 QUICK = ["fcn_wild.py", "--preset", "quick", "--eval-limit", "2", "--num-workers", "0", "--log-every", "2",
-         "--stats-images", "16", "--adapt-start", "0"]
+         "--adapt-start", "0"]
+CA = ["--stats-images", "16"]  # a flag of the category alignment: refused with --no-category-alignment
+# the paper's two phases in small: 3 source-phase iterations by SGD (momentum), then GA + CA
+PHASES = ["--adapt-start", "3", "--source-optimizer", "sgd", "--source-lr", "1e-3"]
 
 
 def small_args(**overrides):
@@ -228,16 +231,65 @@ def test_each_optimiser_moves_only_its_parameters():
     assert all(p.grad is None for p in disc.parameters())
 
 
+def test_weight_decay_and_lr_multipliers_of_each_phase():
+    model = fw.VGG16FrontEnd("vgg16_small", 4)
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def group_names(groups):
+        return [sorted(names[id(p)] for p in g["params"]) for g in groups]
+
+    # adaptation (third-party L2 terms): conv1_1..conv5_3 and fc6 weights decay; biases, fc7, fc8 do not
+    decayed, rest, head = fw.VGG16FrontEnd.param_groups(model, 1e-6, 1.0, 5e-4)
+    assert [g["weight_decay"] for g in (decayed, rest, head)] == [5e-4, 0.0, 0.0]
+    convs = [n for n, _ in model.named_parameters() if n.startswith("features.") and n.endswith(".weight")]
+    assert group_names([decayed]) == [sorted(convs + ["fc6.weight"])] and len(convs) == 13
+    assert "fc7.weight" in group_names([rest])[0] and group_names([head]) == [["fc8.bias", "fc8.weight"]]
+    # source phase (Caffe solver of Yu & Koltun): weights lr x1 with decay, biases lr x2 without; fc8 x head
+    groups = model.caffe_sgd_groups(1e-4, 10.0, 5e-4)
+    assert [(g["lr_mult"], g["weight_decay"]) for g in groups] == [(1.0, 5e-4), (2.0, 0.0), (10.0, 5e-4), (20.0, 0.0)]
+    assert group_names(groups)[2:] == [["fc8.weight"], ["fc8.bias"]]
+    assert sum(len(g["params"]) for g in groups) == len(names)
+    args = fw.Args(adapt_start=10)
+    _, optimizers = fw.build_optimizers(model, None, args)
+    assert isinstance(optimizers["source"], torch.optim.SGD) and optimizers["source"].defaults["momentum"] == 0.99
+    assert "source" not in fw.build_optimizers(model, None, fw.Args(adapt_start=0))[1]
+    assert "source" not in fw.build_optimizers(model, None, small_args())[1]  # quick: the task Adam throughout
+    assert fw.VGG16FrontEnd("vgg16_small", 4).fc8.weight.std().item() == pytest.approx(0.001, rel=0.2)
+
+
+def test_large_classes_are_fixed_by_name_as_the_tf_code():
+    from common.data import CITYSCAPES_CLASSES
+    weight, unknown = fw.large_class_weight(CITYSCAPES_CLASSES, fw.Args().ca_large_classes, 0.1)
+    assert torch.nonzero(weight != 1).flatten().tolist() == [0, 2, 8] and not unknown  # custom_grad.py:127
+    assert weight[0].item() == pytest.approx(0.1)
+    weight, unknown = fw.large_class_weight(["road", "car"], ["road", "building"], 0.1)
+    assert weight.tolist() == pytest.approx([0.1, 1.0]) and unknown == ["building"]
+
+
+def test_ca_objective_is_fp32_under_autocast():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 6, 8).bfloat16()  # what a forward under autocast returns
+    stats = {"alpha": torch.full((4,), 0.05), "delta": torch.full((4,), 0.25), "gamma": torch.full((4,), 0.5),
+             "weight": torch.ones(4)}
+    args = small_args()
+    plain = fw.ca_objective(logits.float(), (24, 32), stats, args)  # the same values, all in fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = fw.ca_objective(logits, (24, 32), stats, args)
+    assert under.dtype == torch.float32 and under.item() == pytest.approx(plain.item(), rel=1e-6)
+
+
 def test_objective_lrs_source_phase_then_adaptation_at_its_own_rate():
-    args = small_args(adapt_start=10, adapt_lr_mult=0.1, confusion_ramp_iters=100)
+    args = small_args(adapt_start=10, adapt_lr_mult=0.1, confusion_ramp_iters=100, poly_horizon=400)
     before = fw.objective_lrs(1e-3, 9, args)  # source-only phase: only the task objective has a step size
     assert before["task"] == 1e-3 and before["conf"] == 0.0
     at_start = fw.objective_lrs(1e-3, 10, args)  # the ramp counts from adapt_start, so it starts at 0
     assert at_start["d"] == pytest.approx(1e-4) and at_start["ca"] == pytest.approx(1e-4) and at_start["conf"] == 0.0
     later = fw.objective_lrs(1e-3, 20, args)
     assert later["conf"] == pytest.approx(1e-4 * (2 / (1 + math.exp(-1)) - 1)) and later["task"] == 1e-3
-    paper = fw.objective_lrs(1e-6, 1200, fw.Args())  # third-party: all at 1e-6, ramp over 600 updates
-    assert paper["d"] == paper["ca"] == 1e-6 and paper["conf"] == pytest.approx(1e-6 * (2 / (1 + math.exp(-20)) - 1))
+    paper = fw.Args(poly_horizon=41000)  # third-party: all at 1e-6, ramp over 600 updates after the source phase
+    assert fw.objective_lrs(1e-6, 39999, paper)["conf"] == 0.0 and fw.objective_lrs(1e-6, 0, paper)["source"] == 1e-4
+    lrs = fw.objective_lrs(1e-6, 40000 + 1200, paper)
+    assert lrs["d"] == lrs["ca"] == 1e-6 and lrs["conf"] == pytest.approx(1e-6 * (2 / (1 + math.exp(-20)) - 1))
 
 
 def test_average_over_ranks_is_identity_single_process():
@@ -254,9 +306,9 @@ def weights(out):
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """4 iterations: 2 source-only (--adapt-start 2), then 2 with GA + CA; reused by several tests."""
+    """5 iterations: 3 of the source phase (SGD with momentum), then 2 with GA + CA; reused by several tests."""
     out = tmp_path_factory.mktemp("fcn_wild") / "straight"
-    run_script(*QUICK, "--iters", "4", "--adapt-start", "2", "--out", str(out), check=True)
+    run_script(*QUICK, *CA, *PHASES, "--iters", "5", "--out", str(out), check=True)
     return out
 
 
@@ -265,24 +317,30 @@ def test_quick_run_resume_and_eval_only(straight, tmp_path):
     assert config["script"] == "fcn_wild" and set(config["params"]) == {"model", "disc"}
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "seg_src" in r]
-    assert [r["iter"] for r in train] == [2, 4] and {"d_main", "adv_main", "ca", "lr"} <= set(train[1])
-    assert "d_main" not in train[0] and "ca" not in train[0]  # iterations 1-2: the source-only phase
+    assert [r["iter"] for r in train] == [2, 4, 5] and {"d_main", "adv_main", "d_acc", "ca", "lr"} <= set(train[2])
+    assert "d_main" not in train[0] and "ca" not in train[0]  # iterations 1-2: the source phase
+    assert train[0]["lr"] == pytest.approx(1e-3 * (1 - 1 / 5) ** 0.9)  # the SGD's lr is logged there
+    assert train[2]["lr"] == pytest.approx(3e-4 * (1 - 4 / 5) ** 0.9)  # then the task Adam's
+    assert 0 <= train[2]["d_acc"] <= 1
     stats = json.loads((straight / "class_stats.json").read_text())
     assert stats["images"] == 16 and len(stats["alpha"]) == 8
     results = json.loads((straight / "results.json").read_text())
-    assert 0 <= results["miou"] <= 100 and results["iters"] == 4 and results["num_classes"] == 8
+    assert 0 <= results["miou"] <= 100 and results["iters"] == 5 and results["num_classes"] == 8
     assert len(os.listdir(straight / "predictions")) == 2
     ckpt = weights(straight)
-    assert ckpt["script"] == "fcn_wild" and ckpt["iter"] == 4
-    assert {"disc", "optimizer_d", "optimizer_conf", "optimizer_ca", "optimizer"} <= set(ckpt)
+    assert ckpt["script"] == "fcn_wild" and ckpt["iter"] == 5
+    assert {"disc", "optimizer_d", "optimizer_conf", "optimizer_ca", "optimizer_source", "optimizer"} <= set(ckpt)
+    assert all("momentum_buffer" in s for s in ckpt["optimizer_source"]["state"].values())
+    assert len(ckpt["optimizer"]["state"]) == len(ckpt["model"])  # the task Adam took over after the source phase
 
-    # 3 iterations, then --resume auto to 4 (the target stream resumes 1 batch into the adaptation): the
-    # straight run's weights
+    # 2 iterations, --resume auto to 4 (the SGD's momentum and the data stream resume inside the source phase),
+    # then to 5 (the target stream and the Adams resume inside the adaptation): the straight run's weights
     resumed = tmp_path / "resumed"
-    run_script(*QUICK, "--iters", "3", "--poly-horizon", "4", "--adapt-start", "2", "--out", str(resumed), check=True)
-    run_script(*QUICK, "--iters", "4", "--adapt-start", "2", "--resume", "auto", "--out", str(resumed), check=True)
+    for iters in ("2", "4", "5"):
+        run_script(*QUICK, *CA, *PHASES, "--iters", iters, "--poly-horizon", "5", "--resume", "auto", "--out",
+                   str(resumed), check=True)
     a, b = ckpt, weights(resumed)
-    assert b["iter"] == 4
+    assert b["iter"] == 5
     for key in ("model", "disc"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
 
@@ -292,51 +350,94 @@ def test_quick_run_resume_and_eval_only(straight, tmp_path):
     assert json.loads((evaluated / "results.json").read_text())["miou"] == pytest.approx(results["miou"])
 
 
-def test_source_only_mode_then_adaptation_from_its_checkpoint(straight, tmp_path):
+def test_source_phase_is_the_source_only_run_and_adaptation_starts_from_it(straight, tmp_path):
     source = tmp_path / "source"
-    run_script(*QUICK, "--iters", "2", "--no-global", "--no-category", "--out", str(source), check=True)
+    run_script(*QUICK, *PHASES, "--iters", "3", "--poly-horizon", "5", "--no-global", "--no-category", "--out",
+               str(source), check=True)
     ckpt = weights(source)
     assert "disc" not in ckpt and "optimizer_ca" not in ckpt
     rows = [json.loads(line) for line in (source / "metrics.jsonl").read_text().splitlines() if "seg_src" in line]
     assert set(rows[0]) >= {"seg_src"} and "d_main" not in rows[0] and "ca" not in rows[0]
-    # the method's source-only phase is exactly this run (building D and the statistics leaves the RNG alone)
+    # the method's source phase is exactly this run (building D and the statistics leaves the RNG alone), and
+    # the run keeps its front-end as checkpoints/source_phase.pt
     phase = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()][0]
     assert phase["iter"] == 2 and phase["seg_src"] == rows[0]["seg_src"]
+    front_end = torch.load(straight / "checkpoints" / "source_phase.pt", weights_only=True)
+    assert front_end["iter"] == 3 and set(front_end) >= {"script", "num_classes", "normalization", "model"}
+    assert all(torch.equal(front_end["model"][k], ckpt["model"][k]) for k in ckpt["model"])
     adapted = tmp_path / "adapted"
-    result = run_script(*QUICK, "--iters", "1", "--no-category", "--init", str(source / "checkpoints" / "last.pt"),
-                        "--out", str(adapted), check=True)
+    result = run_script(*QUICK, "--iters", "1", "--no-category", "--init", str(straight / "checkpoints" /
+                        "source_phase.pt"), "--out", str(adapted), check=True)
     assert "loaded fc8" in result.stdout
     rows = [json.loads(line) for line in (adapted / "metrics.jsonl").read_text().splitlines() if "seg_src" in line]
     assert "adv_main" in rows[0] and "ca" not in rows[0]
     # resuming a run with another method configuration is refused in one line
-    bad = run_script(*QUICK, "--iters", "3", "--resume", str(source / "checkpoints" / "last.pt"), "--out",
+    bad = run_script(*QUICK, "--iters", "4", "--resume", str(source / "checkpoints" / "last.pt"), "--out",
                      str(tmp_path / "x"))
     assert bad.returncode == 2 and "has no 'disc'" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_dry_run_and_folder_dataset(tmp_path):
+# Every recipe field of `--preset paper` (the defaults) and where its value comes from. "Y&K": Yu & Koltun, ICLR
+# 2016, Appendix A (front-end training for urban scenes; A.3 Cityscapes) and fyu/dilation train.py/network.py;
+# "TF": stu92054/Domain-adaptation-on-segmentation FCNs_Wild/ (methods.md section 2, third-party).
+PAPER_RECIPE = {
+    "backbone": "vgg16",  # the dilated VGG-16 front-end (paper; TF models/model.py:81-108)
+    "init": "imagenet",  # Y&K start the front-end from ImageNet VGG-16 (fyu/dilation pretrained/download_vgg_conv.sh)
+    "adapt_start": 40000,  # Y&K A.3: the Cityscapes front-end is trained for 40K iterations
+    "source_optimizer": "sgd", "source_lr": 1e-4, "source_momentum": 0.99,  # Y&K Appendix A
+    "weight_decay": 5e-4,  # Y&K train.py make_solver; TF model.py:35
+    "batch_size": 8,  # Y&K: mini-batches of 8 crops; TF scripts/train_syn2city.sh:8 (4+4 per micro-step, x2)
+    "grad_accum": 2,  # TF train_syn2city.sh:9 iter_size 2
+    "iters": 41000,  # 40,000 source-phase + 1,000 adaptation updates (TF max_step 2000 micro-steps, :10)
+    "lr": 1e-6, "poly_power": 0.0,  # TF src/train_adv.py:292, constant (Y&K: step x0.1 at 100K, after 40K)
+    "d_lr_mult": 10.0, "confusion_ramp_iters": 600, "ca_lr_mult": 0.1,  # TF train_adv.py:296, :297 (1200/2), :299
+    "adapt_lr_mult": 1.0, "head_lr_mult": 1.0,  # TF: every lr a multiple of the one 1e-6, fc8 at the same
+    "global_alignment": True, "category_alignment": True,  # TF train_syn2city.sh:7 --method GACA
+    "ca_subsample": 4, "ca_presence": 0.1, "ca_slack": 2.0,  # TF src/custom_grad.py:20, :85, :16
+    "ca_large_classes": ["road", "building", "vegetation"], "ca_large_weight": 0.1,  # custom_grad.py:126-128
+    "crop_size": None, "source_size": [256, 512], "target_size": [256, 512],  # TF 512x256 resize, no crop
+    "eval_size": None,  # = target_size: TF src/infer.py:178 predicts at 512x256
+}
+
+
+def test_paper_preset_is_the_stated_recipe_and_dry_run(tmp_path):
     out = tmp_path / "dry"
-    result = run_script("fcn_wild.py", "--dry-run", "--init", "none", "--data-root", str(tmp_path / "none"),
-                        "--out", str(out), "--device", "cpu", check=True)
+    result = run_script("fcn_wild.py", "--dry-run", "--data-root", str(tmp_path / "none"), "--out", str(out),
+                        "--device", "cpu", check=True)  # a dry run never loads the ImageNet weights
     config = json.loads((out / "config.json").read_text())
+    resolved = {key: config["args"][key] for key in PAPER_RECIPE}
+    assert resolved == PAPER_RECIPE
+    assert (config["args"]["source"], config["args"]["target"]) == ("gta", "cityscapes")
+    assert config["args"]["adapt_start"] % config["args"]["eval_every"] == 0  # the source-only row is evaluated
+    assert fw.RESIZE == "cv2-bilinear"  # TF src/data_reader.py:71, 79 and infer.py:178: cv2.resize's default
     assert 134_000_000 < config["params"]["model"]["trainable"] < 135_000_000  # VGG-16 front-end, fc8 19 classes
     assert 5_000_000 < config["params"]["disc"]["trainable"] < 5_300_000  # 4096 -> 1024 -> 1024 -> 1
-    assert config["args"]["source_size"] == [256, 512] and config["args"]["target_size"] == [256, 512]
     assert "dry run" in result.stdout and not (out / "results.json").exists()
+
+
+def test_folder_dataset_statistics_cached_next_to_it(tmp_path):
     # a folder dataset: the class-size statistics are cached next to it and copied into the run folder
     from test_data import make_folder
     folder = make_folder(str(tmp_path / "mine"), n=2, h=32, w=48)
-    run_script(*QUICK, "--source", folder, "--target", folder, "--iters", "1", "--batch-size", "2", "--out",
-               str(tmp_path / "f"), check=True)
+    result = run_script(*QUICK, "--source", folder, "--target", folder, "--iters", "1", "--batch-size", "2",
+                        "--out", str(tmp_path / "f"), check=True)
     cached = json.loads((tmp_path / "mine" / "fcn_wild_class_stats-3.json").read_text())
     assert cached == json.loads((tmp_path / "f" / "class_stats.json").read_text())
     assert cached["images"] == 2 and cached["delta"][1] == pytest.approx(31 / 32)  # row 0 is 255
     assert cached["images_with_class"] == [0, 2, 0]
+    assert "not in this class list: road, building, vegetation" in result.stdout  # the x0.1 classes, reported
 
 
-@pytest.mark.parametrize("flags, message", [(["--batch-size", "3", "--grad-accum", "2"], "--grad-accum"),
-                                            (["--adapt-start", "-1"], "--adapt-start -1"),
-                                            (["--backbone", "vgg11"], "unknown backbone 'vgg11'")])
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "3", "--grad-accum", "2"], "--grad-accum"),
+    (["--adapt-start", "-1"], "--adapt-start -1"),
+    (["--backbone", "vgg11"], "unknown backbone 'vgg11'"),
+    (["--no-global-alignment", "--d-lr-mult", "5"], "--d-lr-mult has no effect with --no-global-alignment"),
+    (["--no-category-alignment", "--stats-images", "4"], "--stats-images has no effect with --no-category"),
+    (["--no-global", "--no-category", "--adapt-lr-mult", "2"], "--adapt-lr-mult has no effect"),
+    (["--source-lr", "1e-3"], "need --adapt-start > 0"),  # QUICK adapts from the start
+    (["--adapt-start", "2", "--source-momentum", "0.9"], "need --source-optimizer sgd"),  # quick: adam
+    (["--weights", "x.pt"], "--weights is read by --eval-only")])
 def test_bad_method_flags_are_user_errors(flags, message, tmp_path, monkeypatch):
     # raised before any data is read, so in-process (guard turns a UserError into one line, tested in common)
     monkeypatch.setattr(sys, "argv", [*QUICK, *flags, "--iters", "1", "--device", "cpu", "--out", str(tmp_path)])
