@@ -8,29 +8,58 @@ Recipe: multi-level DeepLab-v2 ResNet-101 (aux head on layer3, lambda_seg aux 0.
 P = softmax of the logits upsampled to the input size (fp32); the weighted self-information map is
 I = -P * log2(P + 1e-30) / log2(C) per channel, and Ent = mean over pixels of sum_c I_c (entropy in [0, 1]).
 - `--mode minent`: segmenter loss CE_main + 0.1 CE_aux + 0.001 Ent(main_t) + 0.0002 Ent(aux_t).
+  `--entropy-top-fraction 0.3` is the paper's "MinEnt + ER" (43.1, GTA5): each entropy term is the mean over
+  only the 30% highest-entropy pixels of each target image (ranked per image and per output, in fp32). The
+  official code has no ER (its train_minent uses every pixel); the 30% top-entropy pixels and the +0.8 over
+  MinEnt are the paper's (Sec. 4.2; the sources we could read are listed in benchmarks/advent.md).
 - `--mode advent` (default): AdaptSegNet's output-space adversarial training with the discriminators
   (FCDiscriminator, identical to adaptsegnet.py's) fed I instead of P: segmenter term
   0.001 BCE(D_main(I_t), 0) + 0.0002 BCE(D_aux(I_t,aux), 0); D loss 1/2 BCE(D(I_s), 0) + 1/2 BCE(D(I_t), 1)
   on detached maps; D Adam 1e-4, betas (0.9, 0.99), same poly decay.
 Loop order as AdaptSegNet: source seg backward, target term backward, D backward, step all. Schedule: SGD
-2.5e-4 (heads x10), wd 5e-4, poly horizon 250k, stop 120k, snapshot every 2k, 1 source + 1 target frame,
-GTA5 1280x720, Cityscapes 1024x512. `--source synthia` switches to ADVENT's SYNTHIA recipe (DADA config,
-maintainer #12): 90k iterations with poly horizon 90k and a 16-way head (`--synthia-classes 16`), each
-applied only where neither an explicit flag nor the chosen preset sets that value.
-AdvEnt+MinEnt (the paper's 45.5) is a test-time ensemble: `--eval-only --weights A.pt --weights B.pt`
-averages the two models' upsampled main logits 0.5/0.5.
-Reported (paper, best snapshot on val): GTA5->Cityscapes MinEnt 42.3, AdvEnt 43.8, AdvEnt+MinEnt 45.5;
-SYNTHIA->Cityscapes (16-way head) AdvEnt 40.8 mIoU16 / 47.6 mIoU13, AdvEnt+MinEnt 41.2 / 48.0.
+2.5e-4 (heads x10), wd 5e-4, poly horizon 250k, stop 120k, 1 source + 1 target frame, GTA5 1280x720,
+Cityscapes 1024x512 (advent/domain_adaptation/config.py:47-80). The official code saves a snapshot every 2k
+iterations and the paper reports the best one on Cityscapes val (TEST.MODE best, maintainer #15): the paper
+preset evaluates every 2k (`--eval-every 2000`, val_miou rows of metrics.jsonl, the best-snapshot number with
+that label); results.json is the final checkpoint. checkpoints/last.pt (for --resume) is rewritten every 5k.
+`--source synthia` switches to ADVENT's SYNTHIA recipe: 90k iterations with poly horizon 90k and a 16-way head
+(`--synthia-classes 16`), each applied only where neither an explicit flag nor the chosen preset sets it
+(DADA config.py:35,79-80; maintainer ADVENT #12: "we keep most hyper-params used in the GTA5 experiment. The
+only difference is that we set MAX_ITERS = 90000"). Multi-level stays on: that GTA5 setting
+(config.py:57). DADA's config.py:59 turns it off for the DADA paper and its configs_s2c/advent.yml does not
+turn it back on, so DADA's repository trains a single-level AdvEnt baseline (`--no-multi-level`).
+Ensembles are test-time: `--eval-only --weights A.pt --weights B.pt` averages the two models' upsampled main
+logits 0.5/0.5 (scripts/configs/advent+minent_pretrained.yml, eval_UDA.py:54-60). The paper's 45.5 pairs
+AdvEnt with MinEnt+ER: that config loads gta2cityscapes_minent_ER.pth, and the maintainer (ADVENT #7): "the
+MinEnt model used in this ensemble was (MinEnt + ER) in Table 1". SYNTHIA's ensemble pairs AdvEnt with
+MinEnt (Table 1(b) has no ER row).
+Reported (paper, best snapshot on val): GTA5->Cityscapes MinEnt 42.3, MinEnt+ER 43.1, AdvEnt 43.8,
+AdvEnt + (MinEnt+ER) 45.5; SYNTHIA->Cityscapes (16-way head, true 16-class protocol: Cityscapes terrain,
+truck and train ignored, DADA cityscapes_list/info16class.json = results.json `miou16_true` / `miou13_true`)
+MinEnt 38.1 / 44.2, AdvEnt 40.8 / 47.6, AdvEnt + MinEnt 41.2 / 48.0.
 
 Deviations from the official code:
 - Init: torchvision ImageNet (`--init PATH` loads the official DeepLab_resnet_pretrained_imagenet.pth).
 - We report the final checkpoint (results.json); the paper reports the best 2k snapshot on Cityscapes val.
+- ER: the paper does not say how the kept pixels are averaged; we take their mean (the term stays a
+  normalised entropy in [0, 1]; a sum over kept pixels divided by all pixels would weigh it 0.3x), rank the
+  pixels of each image separately and apply the same fraction to the aux output's term.
+- Mixed precision: on CUDA the forward and backward passes run under bf16 autocast (fp16 with a GradScaler
+  where bf16 is missing) with TF32 matmuls by default; the paper trained in fp32 (`--no-amp` gives fp32).
+  Losses, softmax, the self-information and entropy maps (and ER's ranking of them) and the evaluation
+  upsampling and argmax are computed in fp32; the discriminators' convolutions run under autocast.
+- Resizing: images bicubic (PIL), as the official loader (advent/dataset/base_dataset.py:41, also the
+  1024x512 evaluation input); labels nearest (base_dataset.py:44).
+- ASPP biases start at 0 (source_only.py's DeepLabV2); the official ClassifierModule sets only the weights to
+  N(0, 0.01) and keeps PyTorch's default bias init (advent/model/deeplabv2.py:53-59).
 - The discriminator loss sums the source and target halves before one backward (official: a backward
   after each half; same gradients). The segmenter's adversarial term goes through the unwrapped
   discriminators with requires_grad off (official: requires_grad toggling), so DDP never sees it.
 - The ensemble averages the two models' main logits at the evaluation input's output resolution, before
   evaluate's bilinear upsampling: upsampling is linear, so this equals averaging the upsampled logits.
 - Data loaders are seeded; `--crop-size` crops source and target.
+- A method flag typed on the command line that cannot act in the chosen mode (say `--lambda-adv-main` with
+  `--mode minent`, or `--lambda-seg-aux` with `--no-multi-level`) is refused with one error line.
 - `--preset quick` = source_only.py's quick preset (toy domains, resnet18 from random init, 400 iterations,
   batch 4, lr 0.0025, poly horizon 400, 96x192 frames) plus 10x the paper's adversarial weights (lambda_adv
   0.01 main / 0.002 aux) and 100x its entropy weights (lambda_ent 0.1 / 0.02); the 5:1 main:aux ratio is
@@ -94,10 +123,11 @@ class Args:
     """mixed precision on CUDA (bf16 where supported, else fp16 with a GradScaler)"""
     num_workers: int = 4
     """data-loading processes per training process"""
-    eval_every: int = 5000
-    """evaluate on the target val split every N iterations (0: only at the end)"""
+    eval_every: int = 2000
+    """evaluate on the target val split every N iterations, logged to metrics.jsonl (0: only at the end). ADVENT
+    snapshots every 2k and reports the best on val; results.json is always the final checkpoint"""
     checkpoint_every: int = 5000
-    """write checkpoints/last.pt every N iterations (AdaptSegNet snapshots every 5k)"""
+    """write checkpoints/last.pt every N iterations, for --resume"""
     out: Optional[str] = None
     """run folder (default runs/<script>-<source>2<target>-s<seed>-<timestamp>)"""
     resume: Optional[str] = None
@@ -149,6 +179,9 @@ class Args:
     # Algorithm specific arguments
     mode: Literal["advent", "minent"] = "advent"
     """advent: adversarial training on self-information maps; minent: direct entropy minimisation (paper: both)"""
+    entropy_top_fraction: Optional[float] = None
+    """minent: minimise the entropy of only this fraction of each target image's pixels, those of highest entropy;
+    none: every pixel. Paper: none for MinEnt (42.3), 0.3 for MinEnt+ER (43.1, the MinEnt of the 45.5 ensemble)"""
     lambda_ent_main: float = 0.001
     """minent: weight of the main output's target entropy (paper: 0.001)"""
     lambda_ent_aux: float = 0.0002
@@ -399,12 +432,35 @@ def self_information(prob):
     return -prob * torch.log2(prob + 1e-30) / math.log2(prob.shape[1])
 
 
-def entropy_loss(prob):
-    """Normalised entropy in [0, 1]: mean over pixels of sum_c I_c (ADVENT entropy_loss)."""
-    return self_information(prob).sum(1).mean()
+def entropy_loss(prob, top_fraction=None):
+    """Normalised entropy in [0, 1]: mean over pixels of sum_c I_c (ADVENT entropy_loss). With top_fraction
+    (the paper's ER, 0.3): the mean over only that fraction of each image's pixels, those of highest entropy;
+    the others get no gradient. prob must be fp32 (softmax_at): the ranking compares small differences."""
+    entropy = self_information(prob).sum(1).flatten(1)  # N x pixels
+    if top_fraction is not None:
+        kept = max(1, round(top_fraction * entropy.shape[1]))  # round: 0.3 * 10 is 3.0000000000000004
+        entropy = entropy.topk(kept, dim=1, sorted=False).values
+    return entropy.mean()
 
 
-SYNTHIA_RECIPE = dict(iters=90000, poly_horizon=None, synthia_classes=16)  # DADA config; maintainer #12
+SYNTHIA_RECIPE = dict(iters=90000, poly_horizon=None, synthia_classes=16)  # DADA config.py:35,79-80; ADVENT #12
+
+
+def check_method_flags(args):
+    """A method flag the user typed must act: refuse those the chosen mode or level setting ignores."""
+    if args.entropy_top_fraction is not None and not 0 < args.entropy_top_fraction <= 1:
+        raise UserError(f"--entropy-top-fraction {args.entropy_top_fraction}: use a fraction in (0, 1] or none")
+    if args.eval_only:  # evaluation trains nothing; the checkpoints carry their own recipe
+        return
+    ignored = {"advent": ["entropy_top_fraction", "lambda_ent_main", "lambda_ent_aux"],
+               "minent": ["lambda_adv_main", "lambda_adv_aux", "lr_d"]}[args.mode]
+    if not args.multi_level:
+        ignored += ["lambda_seg_aux", "lambda_ent_aux", "lambda_adv_aux"]
+    typed = [name for name in dict.fromkeys(ignored) if name in args.given]
+    if typed:
+        flags = " ".join("--" + name.replace("_", "-") for name in typed)
+        setting = f"--mode {args.mode}" + ("" if args.multi_level else " --no-multi-level")
+        raise UserError(f"{flags}: no effect with {setting}")
 
 
 def parse_advent_args(argv=None):
@@ -414,12 +470,13 @@ def parse_advent_args(argv=None):
     if args.source == "synthia":
         presets = {name: {**SYNTHIA_RECIPE, **values} for name, values in PRESETS.items()}
         args = parse_args(Args, presets, argv, description=__doc__)
+    check_method_flags(args)
     return args
 
 
 # ----------------------------------------------------------------------------------------------------
 def main():
-    args = parse_advent_args()  # ALGO LOGIC: parse_args plus the SYNTHIA recipe
+    args = parse_advent_args()  # ALGO LOGIC: parse_args plus the SYNTHIA recipe and the method-flag check
     # TRY NOT TO MODIFY: setup
     rt = Runtime(args.device, args.amp)
     args.world_size, args.rank = rt.world, rt.rank
@@ -526,14 +583,17 @@ def main():
 
     # ALGO LOGIC: data
     source_train = domain_split(args.source, "train", args.data_root, synthia_classes=args.synthia_classes)
-    source_transform = TrainTransform(size=args.source_size or source_train.paper_size, crop=args.crop_size)
+    # PIL bicubic images, nearest labels (ADVENT base_dataset.py:41,44)
+    source_transform = TrainTransform(size=args.source_size or source_train.paper_size, crop=args.crop_size,
+                                      interpolation="bicubic")
     per_rank_batch = args.batch_size // rt.world
     source_batches = train_loader(SegDataset(source_train, source_transform), per_rank_batch, args.seed, start_iter,
                                   rt.rank, rt.world, num_workers=args.num_workers, pin_memory=rt.device.type == "cuda")
     # the unlabelled target train split, resized to the domain's paper size (Cityscapes 1024x512); its own
     # sample stream (seed offset), distinct from every rank's source stream
     target_train = domain_split(args.target, "train", args.data_root, labelled=False)
-    target_transform = TrainTransform(size=args.target_size or target_train.paper_size, crop=args.crop_size)
+    target_transform = TrainTransform(size=args.target_size or target_train.paper_size, crop=args.crop_size,
+                                      interpolation="bicubic")
     target_batches = train_loader(SegDataset(target_train, target_transform, with_label=False), per_rank_batch,
                                   args.seed + 100_003, start_iter, rt.rank, rt.world, num_workers=args.num_workers,
                                   pin_memory=rt.device.type == "cuda")
@@ -572,11 +632,11 @@ def main():
         with rt.autocast():
             target_out = dict(zip(("aux", "main"), train_model(to_input(target_images))))
         target_probs = {level: softmax_at(target_out[level], target_images.shape[-2:]) for level in levels}
-        if args.mode == "minent":
-            losses["ent"] = entropy_loss(target_probs["main"])
+        if args.mode == "minent":  # all pixels, or with ER the highest-entropy fraction of each image
+            losses["ent"] = entropy_loss(target_probs["main"], args.entropy_top_fraction)
             loss = args.lambda_ent_main * losses["ent"]
             if "aux" in levels:
-                losses["ent_aux"] = entropy_loss(target_probs["aux"])
+                losses["ent_aux"] = entropy_loss(target_probs["aux"], args.entropy_top_fraction)
                 loss = loss + args.lambda_ent_aux * losses["ent_aux"]
             rt.scaler.scale(loss).backward()
         else:  # D sees self-information maps; frozen and unwrapped: no gradient, no DDP hook
