@@ -7,20 +7,30 @@ Semantic Segmentation", CVPR 2022, https://arxiv.org/abs/2111.14887, official co
 Recipe: timm `pvt_v2_b5` (= MiT-B5, drop-path 0.1) + DAFormer decoder (Linear 256 embeddings of the four stages,
 fusion by a 1x1 branch and depthwise-separable dilated 6/12/18 branches, 3x3 bottleneck, dropout 0.1,
 classifier); AdamW 6e-5 (decoder x10, no weight decay on encoder norms, wd 0.01), linear warm-up 1,500
-iterations then poly 1.0 to 0 at 40k, 2 source + 2 target 512x512 crops (source keep-ratio resize into
-1280x720, cat_max_ratio 0.75, flip). Each iteration: EMA teacher a = min(1 - 1/(t+1), 0.999) on parameters
+iterations then poly 1.0 to 0 at the end of the run (official max_iters, 40k), 2 source + 2 target 512x512 crops
+(keep-ratio resize, bilinear as mmcv: GTA5 into 1280x720, Cityscapes into 1024x512; source cat_max_ratio 0.75;
+flip). Each iteration: EMA teacher a = min(1 - 1/(t+1), 0.999) on parameters
 only; source CE (mean over all pixels) + thing-class ImageNet feature distance (lambda 0.005, purity 0.75,
 stage 4, frozen ImageNet encoder); teacher pseudo labels (BN in train mode, dropout/drop-path off) weighted by
 the share q of pixels with confidence >= 0.968, rows 15 top / 120 bottom weight 0; ClassMix (ceil(n/2) of the
 source batch's classes, 255 included), colour jitter (p 0.8, kornia-0.5 semantics) and Gaussian blur (p 0.5)
 on the mix; pixel-weighted mixed CE (mean over all pixels). Rare Class Sampling: P(c) = softmax((1-f_c)/0.01),
 an image with > 3,000 px of c, re-cropped up to 10 times until the crop holds > 1,500 px of c.
-Evaluation: the student, whole 1024x512 images, logits to full label size (align_corners=False).
+Evaluation: the student, whole 1024x512 images (bilinear as mmcv), H/4 logits to 512x1024, then to the full
+1024x2048 labels (both bilinear, align_corners=False; mmseg encoder_decoder.py:77-81,228-233).
 Reported (paper): GTA5->Cityscapes 68.3 mIoU, SYNTHIA->Cityscapes 60.9 mIoU16 (mean of seeds 0, 1, 2).
 
 Deviations from the official code (all deliberate):
 - init: timm's ImageNet `pvt_v2_b5` (a different pretraining than SegFormer's `mit_b5.pth`, which loads with
-  `--init PATH` through timm's key remapping, 0 missing / 0 unexpected keys).
+  `--init PATH` through timm's key remapping, 0 missing / 0 unexpected keys). The frozen FD encoder holds the
+  same ImageNet weights (`--fd-init`); with `--init` a trained segmentation checkpoint it still loads ImageNet
+  weights, as the official imnet_model, which is built from the pretrained file and never from load_from.
+- Mixed precision: on CUDA the forward and backward passes run under bf16 autocast (fp16 with a GradScaler
+  where bf16 is missing) with TF32 matmuls by default; the paper trained in fp32 (`--no-amp` gives fp32).
+  Losses, the teacher's softmax, the 0.968 confidence threshold and the pseudo-label weight q, the FD distances,
+  the mixing and its jitter/blur, and the evaluation upsampling and argmax are computed in fp32.
+- Resizing: images bilinear as mmcv's imrescale (OpenCV INTER_LINEAR, no antialiasing; common.data
+  "cv2-bilinear") for source, target and evaluation frames; labels nearest (OpenCV INTER_NEAREST).
 - FD with an empty thing-class mask is 0 (the official mean over an empty selection is NaN).
 - The pseudo-label weight q stays on the device (the official `.item()` is a host sync).
 - Each source sample's crop and RCS draw come from a seed that is a function of (seed, position), so a resumed
@@ -32,7 +42,20 @@ Deviations from the official code (all deliberate):
   dataset (~/.cache/uda-seg for the toy domains or a read-only dataset folder).
 - Toy/other class lists: FD thing classes are chosen by name (Cityscapes things; person and car in the toy
   domains; pole excluded as in the paper).
-- `--batch-size` is the global batch (as many target as source images); under torchrun it is split.
+- `--crop-size none` trains on whole resized frames (the official pipeline always crops); ClassMix then needs
+  source and target frames of one size, else the run stops with an error.
+- Multi-GPU (the paper: 1 GPU x 2 source + 2 target images). `--batch-size` is the global batch (as many target
+  as source images), split over torchrun processes; the source (RCS draws, crops, flips) and target streams are
+  split by position, so N processes together see the images one process sees. Computed per process from its
+  share of the batch, not from the global batch: the decoder's BN batch statistics in the student and in the
+  train-mode teacher (no SyncBN; the encoder has only LayerNorms), so 2 GPUs x 1 image normalise over one crop;
+  the ClassMix class set (the local source images' classes); the pseudo-label weight q (the local target
+  pixels); the FD mean (the local thing cells, then DDP averages the gradients). The CE losses are means over
+  equal pixel counts per rank, so DDP's average equals the global mean. Random draws (jitter factors, blur sigma,
+  ClassMix picks, dropout and drop-path masks) come from the same seeded generator on every rank, so rank r's
+  k-th image gets the draws of rank 0's k-th image. Logged losses and q are rank 0's. Before each evaluation
+  every rank takes rank 0's BN running statistics (mmcv DistEvalHook's broadcast_bn_buffer,
+  mmseg/core/evaluation/eval_hooks.py:73-79), so the sharded score is that of the saved checkpoint.
 - `--preset quick` (CPU, toy pair): timm pvt_v2_b0 (MLP ratios 8/8/4/4, so not MiT-B0), random init (the FD
   "ImageNet" encoder is then the initial encoder), decoder width 64, 128x128 crops, 150 iterations of 2+2,
   AdamW 1e-3, warm-up 6, EMA alpha 0.99 (DACS's value; 0.999 averages over more iterations than the run has).
@@ -87,7 +110,7 @@ class Args:
     batch_size: int = 2
     """global source batch, split over torchrun processes, with as many target images (paper: 2)"""
     crop_size: Optional[list[int]] = field(default_factory=lambda: [512, 512])
-    """random crop H [W] after resizing; none trains on whole resized frames (paper: 512 512)"""
+    """random crop H [W] after resizing; none: whole resized frames, which needs source and target frames of one size (paper: 512 512)"""
     lr: float = 6e-5
     """backbone learning rate; the heads use head_lr_mult times it (paper: 6e-5)"""
     seed: int = 0
@@ -129,7 +152,7 @@ class Args:
     synthia_classes: int = 19
     """classes of the head when the source is SYNTHIA: 19 (evaluated on 16/13) or 16"""
     normalization: Literal["auto", "imagenet", "caffe"] = "auto"
-    """input normalisation; auto: caffe (BGR, mean only) for Caffe DeepLab init files, else imagenet"""
+    """input normalisation; auto: imagenet (RGB mean/std, what MiT/pvt_v2 weights expect); caffe: BGR, mean only"""
     weight_decay: float = 0.01
     """AdamW weight decay; encoder parameters named *norm* get none (paper: 0.01)"""
     head_lr_mult: float = 10.0
@@ -175,7 +198,7 @@ class Args:
     rcs_temperature: float = 0.01
     """RCS temperature T in softmax((1 - f_c) / T) (paper: 0.01)"""
     rcs_min_pixels: Optional[int] = None
-    """pixels of a class an image needs to qualify for it (paper: 3000; default 3000 for gta/synthia/cityscapes, else scaled by frame area / 1914x1052)"""
+    """pixels of a class an image needs to qualify for it (paper: 3000; default 3000 for gta/synthia/cityscapes, else 3000 x frame area / 1914x1052)"""
     rcs_min_crop_ratio: float = 0.5
     """re-crop (up to 10 times) until the crop holds ratio x min-pixels of the class (paper: 0.5)"""
     rcs_stats: Optional[str] = None
@@ -187,7 +210,9 @@ class Args:
     fd_purity: float = 0.75
     """a stage-4 cell counts only if its majority class covers this share of its pixels (paper: 0.75)"""
     fd_classes: list[str] = field(default_factory=list)
-    """class names the feature distance uses (default: the paper's thing classes present in the class list)"""
+    """class names the feature distance uses, e.g. --fd-classes car person (default: the paper's thing classes in the class list)"""
+    fd_init: str = "auto"
+    """frozen FD encoder weights: imagenet (timm), a local ImageNet file (mit_b5.pth), or auto: the student's initial encoder, but imagenet when --init is a trained segmentation checkpoint (official: always ImageNet)"""
     compile: bool = False
     """torch.compile the student and teacher forward passes"""
 
@@ -206,6 +231,47 @@ PRESETS = {
 THING_CLASSES = ("traffic light", "traffic sign", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
                  "bicycle")
 GTA5_FRAME_AREA = 1914 * 1052  # the resolution RCS's 3,000 px were chosen for
+BUILTIN_SOURCES = ("gta", "synthia", "cityscapes")
+INTERPOLATION = "cv2-bilinear"  # mmseg Resize = mmcv imrescale: OpenCV INTER_LINEAR images, INTER_NEAREST labels
+# flags that act only while their switch is on: typing one with the switch off is refused (every flag acts)
+SWITCHED_FLAGS = {
+    "fd": ("fd_lambda", "fd_purity", "fd_classes", "fd_init"),
+    "rcs": ("rcs_temperature", "rcs_min_pixels", "rcs_min_crop_ratio", "rcs_stats"),
+    "warmup": ("warmup_iters", "warmup_ratio"),
+}
+TARGET_FLAGS = ("ema_alpha", "pseudo_threshold", "pseudo_crop", "mix", "jitter_p", "jitter_strength", "blur_p")
+
+
+def check_switched_flags(args):
+    """One error line for a flag typed together with the switch that turns its part off."""
+    given = getattr(args, "given", frozenset())
+    for switch, flags in SWITCHED_FLAGS.items():
+        typed = [f for f in flags if f in given]
+        if typed and not getattr(args, switch):
+            raise UserError(f"--no-{switch.replace('_', '-')} turns off what {flag_names(typed)} set; drop one or "
+                            f"the other")
+    typed = [f for f in TARGET_FLAGS if f in given]
+    if typed and args.source_only:
+        raise UserError(f"--source-only trains without the target, so {flag_names(typed)} would do nothing; drop them")
+
+
+def flag_names(fields):
+    return ", ".join("--" + f.replace("_", "-") for f in fields)
+
+
+def fd_class_ids(names, classes):
+    """Class indices of the FD thing classes: `names`, or by default the paper's thing classes in `classes`."""
+    if not names:
+        names = [c for c in classes if c in THING_CLASSES]
+        if not names:
+            raise UserError(f"the feature distance needs thing classes, and the class list ({', '.join(classes)}) "
+                            f"has none of the paper's ({', '.join(THING_CLASSES)}); name yours with --fd-classes "
+                            f"NAME [NAME ...] or pass --no-fd")
+    unknown = [n for n in names if n not in classes]
+    if unknown:
+        raise UserError(f"--fd-classes: {', '.join(unknown)} not in the class list ({', '.join(classes)}); "
+                        f"name classes from it or pass --no-fd")
+    return [classes.index(n) for n in names]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -281,44 +347,84 @@ class DAFormerNet(nn.Module):
                  "weight_decay": weight_decay}]
 
 
-def load_init(model, init, backbone) -> str:
-    """Load --init into the encoder (and the decoder, from one of our checkpoints); return the normalisation."""
+def load_init(model, init, backbone):
+    """Load --init into the encoder (and the decoder, from one of our checkpoints). Returns (normalisation,
+    what the encoder now holds: "imagenet", "random" or "trained", the last for a segmentation checkpoint)."""
     if init == "none":
-        return "imagenet"
+        return "imagenet", "random"
     if init == "imagenet":
-        try:
-            state = timm.create_model(backbone, pretrained=True, num_classes=0).state_dict()
-        except Exception as e:  # offline, no cached weights
-            raise UserError(f"cannot get timm's ImageNet {backbone} weights ({type(e).__name__}); use --init none "
-                            f"or a local file") from None
-    else:
-        if not os.path.isfile(init):
-            raise UserError(f"--init {init}: no such file (use imagenet, none or a path)")
-        try:
-            state = torch.load(init, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"cannot load --init {init}: {str(e).splitlines()[0][:200]}") from None
-        state = state.get("model", state.get("state_dict", state))
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        if any(k.startswith("encoder.") for k in state):  # one of our checkpoints
-            head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
-            own = model.head.state_dict()
-            if head.keys() == own.keys() and all(own[k].shape == v.shape for k, v in head.items()):
-                model.head.load_state_dict(head)
-            state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
-        else:
-            if any(k.startswith("backbone.") for k in state):  # an mmseg (DAFormer/SegFormer) checkpoint
-                state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-            state = {k: v for k, v in state.items() if not k.startswith("head.")}  # the ImageNet classifier
-            state = checkpoint_filter_fn(state, model.encoder)  # SegFormer MiT names -> timm names
+        load_encoder(model.encoder, imagenet_weights(backbone, "--init"), init, backbone, "--init")
+        return "imagenet", "imagenet"
+    state, head, trained = read_weights(init, model.encoder, "--init")
+    if head is not None:
+        own = model.head.state_dict()
+        if head.keys() == own.keys() and all(own[k].shape == v.shape for k, v in head.items()):
+            model.head.load_state_dict(head)
+    load_encoder(model.encoder, state, init, backbone, "--init")
+    return "imagenet", "trained" if trained else "imagenet"
+
+
+def imagenet_weights(backbone, flag):
+    """timm's ImageNet weights of the encoder (downloaded once into the Hugging Face cache)."""
     try:
-        missing, unexpected = model.encoder.load_state_dict(state, strict=False)
+        return timm.create_model(backbone, pretrained=True, num_classes=0).state_dict()
+    except Exception as e:  # offline, no cached weights
+        raise UserError(f"{flag} imagenet: cannot get timm's ImageNet {backbone} weights ({type(e).__name__}); pass "
+                        f"{flag} PATH (SegFormer's mit_b5.pth) or {'--init none' if flag == '--init' else '--no-fd'}"
+                        ) from None
+
+
+def read_weights(path, encoder, flag):
+    """A weights file as (encoder state in timm names, our decoder state or None, trained): trained is True for a
+    segmentation model (one of our checkpoints, an mmseg checkpoint), False for encoder weights (SegFormer's
+    ImageNet mit_b5.pth, a timm state dict)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: no such file (use imagenet, none or a path)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot load {flag} {path}: {str(e).splitlines()[0][:200]}") from None
+    state = state.get("model", state.get("state_dict", state))
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if any(k.startswith("encoder.") for k in state):  # one of our checkpoints
+        head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
+        return {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}, head, True
+    trained = any(k.startswith("backbone.") for k in state)  # an mmseg (DAFormer/SegFormer) segmentor
+    if trained:
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}  # the ImageNet classifier
+    return checkpoint_filter_fn(state, encoder), None, trained  # SegFormer MiT names -> timm names
+
+
+def load_encoder(encoder, state, source, backbone, flag):
+    """Strict load with a one-line error: every tensor of the encoder, nothing else."""
+    try:
+        missing, unexpected = encoder.load_state_dict(state, strict=False)
     except RuntimeError as e:
-        raise UserError(f"--init {init} does not fit a {backbone}: {str(e).splitlines()[-1].strip()[:200]}") from None
+        raise UserError(f"{flag} {source} does not fit a {backbone}: {str(e).splitlines()[-1].strip()[:200]}") from None
     if missing or unexpected:
-        raise UserError(f"--init {init} does not fit a {backbone}: {len(missing)} missing, {len(unexpected)} "
+        raise UserError(f"{flag} {source} does not fit a {backbone}: {len(missing)} missing, {len(unexpected)} "
                         f"unexpected tensors (e.g. {(missing or unexpected)[0]})")
-    return "imagenet"
+
+
+def fd_encoder(model, fd_init, student_init, backbone):
+    """The frozen encoder of the feature distance. The official imnet_model is built from the ImageNet file,
+    never from load_from or a resume (dacs.py:82-83): auto copies the student's initial encoder unless that
+    holds a trained segmentation model (student_init "trained"), then loads timm's ImageNet weights; imagenet
+    or a path load those weights. student_init None (resume, eval-only, dry run): a copy, loaded later."""
+    encoder = copy.deepcopy(model.encoder).requires_grad_(False).eval()
+    if student_init is None or (fd_init == "auto" and student_init != "trained"):
+        return encoder
+    source = "imagenet" if fd_init == "auto" else fd_init
+    if source == "imagenet":
+        state = imagenet_weights(backbone, "--fd-init")
+    else:
+        state, _, trained = read_weights(source, encoder, "--fd-init")
+        if trained:
+            raise UserError(f"--fd-init {source} is a trained segmentation model; the feature distance compares "
+                            f"with ImageNet weights (imagenet or a file such as mit_b5.pth)")
+    load_encoder(encoder, state, source, backbone, "--fd-init")
+    return encoder
 
 
 def poly_lr(base_lr, it, horizon, power):
@@ -522,7 +628,7 @@ def class_statistics(split, num_classes, path, rt, num_workers=0):
         counts[i, :num_classes], counts[i, num_classes] = torch.from_numpy(c[:num_classes]), area
     if pool:
         pool.close()
-    rt.all_reduce(counts)
+    counts = rt.all_reduce(counts.to(rt.device)).cpu()  # on the run's device: NCCL refuses CPU tensors
     counts, areas = counts[:, :num_classes].numpy(), counts[:, num_classes].numpy()
     if counts.sum() == 0:
         raise UserError(f"source '{split.name}' has no labelled pixel of any class; check its labels")
@@ -560,8 +666,9 @@ def rcs_probabilities(counts, temperature):
 
 class RareClassSampler(torch.utils.data.Sampler):
     """Endless stream of (source index, crop seed, class): draw c ~ P(c), then an image uniformly among
-    those with > min_pixels of c. A pure function of (seed, position), like common.data.InfiniteSampler,
-    so a resumed run continues the exact stream; rank r takes positions r, r + world, ..."""
+    those with > min_pixels of c. A pure function of (seed, position), like common.data.InfiniteSampler:
+    rank r of `world` takes positions r, r + world, ...; `start` skips the samples each rank has consumed,
+    so a resumed run continues the exact stream."""
 
     def __init__(self, counts, temperature, min_pixels, seed, start=0, rank=0, world=1):
         classes, probs = rcs_probabilities(counts, temperature)
@@ -586,7 +693,8 @@ class RareClassSampler(torch.utils.data.Sampler):
 
 class RareClassDataset(SegDataset):
     """Source items for RCS: resize once, then crop (and flip) the same image again, up to 10 times, until the
-    crop holds more than min_crop_pixels of the sampled class (maintainer, DAFormer PR #8)."""
+    crop holds more than min_crop_pixels of the sampled class (maintainer, DAFormer PR #8); min_crop_pixels 0
+    (ratio 0, or no crop): no re-crop (uda_dataset.py:95-105)."""
 
     def __init__(self, split, resize, crop, min_crop_pixels):
         super().__init__(split, None)
@@ -597,12 +705,39 @@ class RareClassDataset(SegDataset):
         rng = np.random.default_rng(seed)
         image, label = self.resize(*self.split.load(index), rng)
         crop_image, crop_label = self.crop(image, label, rng)
-        for _ in range(10):
+        for _ in range(10 if self.min_crop_pixels > 0 else 0):
             if (crop_label == cls).sum() > self.min_crop_pixels:
                 break
             crop_image, crop_label = self.crop(image, label, rng)
         return (torch.from_numpy(np.ascontiguousarray(crop_image.transpose(2, 0, 1))),
                 torch.from_numpy(np.ascontiguousarray(crop_label)), index)
+
+
+def train_transforms(args, source_train, target_train, crop):
+    """(source, target) transforms of mmseg's pipeline (uda_gta_to_cityscapes_512x512.py:12-35): keep-ratio
+    Resize (mmcv bilinear), RandomCrop (source: cat_max_ratio 0.75), RandomFlip 0.5."""
+    source = TrainTransform(size=args.source_size or source_train.paper_size, keep_ratio=True, crop=crop,
+                            cat_max_ratio=0.75, flip=True, interpolation=INTERPOLATION)
+    target = TrainTransform(size=args.target_size or target_train.paper_size, keep_ratio=True, crop=crop, flip=True,
+                            interpolation=INTERPOLATION)
+    return source, target
+
+
+def frame_size(split, transform):
+    """(H, W) of the split's first frame after `transform` (for --crop-size none)."""
+    return transform(split.load(0, False)[0], None, np.random.default_rng(0))[0].shape[:2]
+
+
+def broadcast_bn_statistics(model, rt):
+    """Rank 0's BN running statistics to every rank before an evaluation (mmcv DistEvalHook broadcast_bn_buffer,
+    mmseg/core/evaluation/eval_hooks.py:73-79): ranks train on different images, and each scores its own val
+    shard, which should be scored by the model the checkpoint saves."""
+    if not rt.distributed:
+        return
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            torch.distributed.broadcast(m.running_mean, 0)  # on the run's device (NCCL)
+            torch.distributed.broadcast(m.running_var, 0)
 
 
 def rcs_loader(dataset, sampler, batch_size, num_workers, pin_memory):
@@ -631,23 +766,25 @@ def main():
     # ALGO LOGIC: networks and optimisers
     if args.crop_size is not None and len(args.crop_size) not in (1, 2) or len(args.pseudo_crop) != 2:
         raise UserError("--crop-size takes H [W] and --pseudo-crop takes TOP BOTTOM")
+    check_switched_flags(args)
     crop = tuple(args.crop_size * 2)[:2] if args.crop_size else None
     model = DAFormerNet(args.backbone, num_classes, args.decoder, args.decoder_dim, args.drop_path, args.dropout)
-    norm = load_init(model, args.init, args.backbone) if not (ckpt_path or args.eval_only or args.dry_run) else None
+    norm, student_init = (load_init(model, args.init, args.backbone) if not (ckpt_path or args.eval_only or
+                                                                            args.dry_run) else (None, None))
     model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
     optimizer = torch.optim.AdamW(model.param_groups(args.lr, args.head_lr_mult, args.weight_decay), lr=args.lr,
                                   betas=(0.9, 0.999), weight_decay=args.weight_decay, fused=rt.device.type == "cuda")
     networks = {"model": model}
     if not args.source_only:  # the EMA teacher starts as a copy of the student (official _init_ema_weights)
         networks["teacher"] = teacher = teacher_mode(copy.deepcopy(model).requires_grad_(False))
-    if args.fd:  # the frozen ImageNet encoder: the student's encoder as initialised
-        networks["imnet_encoder"] = imnet_encoder = copy.deepcopy(model.encoder).requires_grad_(False).eval()
-    fd_names = args.fd_classes or [c for c in classes if c in THING_CLASSES]
-    if args.fd and (set(fd_names) - set(classes) or not fd_names):
-        raise UserError(f"--fd-classes: {sorted(set(fd_names) - set(classes)) or 'none'} not in the class list "
-                        f"({', '.join(classes)}); name classes or pass --no-fd")
-    thing_lut = torch.zeros(256, dtype=torch.bool, device=rt.device)
-    thing_lut[[classes.index(c) for c in fd_names]] = True
+    if args.fd:  # the frozen ImageNet encoder, and the thing classes it compares on
+        networks["imnet_encoder"] = imnet_encoder = fd_encoder(model, args.fd_init, student_init, args.backbone)
+        thing_ids = fd_class_ids(args.fd_classes, classes)
+        args.fd_classes = [classes[c] for c in thing_ids]  # resolved, so that config.json names them
+        thing_lut = torch.zeros(256, dtype=torch.bool, device=rt.device)
+        thing_lut[thing_ids] = True
+    if args.rcs and args.rcs_min_pixels is None and args.source in BUILTIN_SOURCES:
+        args.rcs_min_pixels = 3000  # the paper's (gta2cs_..._s0.py:36); other sources: scaled once counted
 
     # TRY NOT TO MODIFY: run folder, dry run, resume
     norm = args.normalization if args.normalization != "auto" else norm
@@ -686,12 +823,14 @@ def main():
 
     def evaluate_model(final=False):
         model.eval()
+        broadcast_bn_statistics(model, rt)  # every rank scores its shard with the statistics the checkpoint saves
         with torch.no_grad(), rt.autocast():
             summary = evaluate_target(lambda x: upsample(model(to_input(x))[1], x), target_val, rt,
                                       align_corners=False, log=log,
                                       num_predictions=args.num_predictions if final else 0, limit=args.eval_limit,
                                       eval_size=eval_size, pred_map=pred_map,
-                                      synthia_protocols=args.source == "synthia" and len(eval_classes) == 19)
+                                      synthia_protocols=args.source == "synthia" and len(eval_classes) == 19,
+                                      interpolation=INTERPOLATION)
         model.train()
         return summary
 
@@ -713,27 +852,31 @@ def main():
     loop_rng = torch.get_rng_state()  # iter(DataLoader) draws from the global RNG; keep the loop's stream exact
     source_train = domain_split(args.source, "train", args.data_root, synthia_classes=args.synthia_classes)
     target_train = domain_split(args.target, "train", args.data_root, labelled=False)
-    source_transform = TrainTransform(size=args.source_size or source_train.paper_size, keep_ratio=True, crop=crop,
-                                      cat_max_ratio=0.75, flip=True)
-    target_transform = TrainTransform(size=args.target_size or target_train.paper_size, keep_ratio=True, crop=crop,
-                                      flip=True)
+    source_transform, target_transform = train_transforms(args, source_train, target_train, crop)
+    if crop is None and not args.source_only:  # ClassMix pastes source pixels into the target frames
+        source_hw, target_hw = frame_size(source_train, source_transform), frame_size(target_train, target_transform)
+        if source_hw != target_hw:
+            raise UserError(f"--crop-size none: ClassMix needs source and target frames of one size, but source "
+                            f"frames resize to {source_hw[0]}x{source_hw[1]} and target frames to "
+                            f"{target_hw[0]}x{target_hw[1]}; pass --crop-size H W (paper: 512 512) or "
+                            f"--source-size/--target-size that match")
     per_rank_batch = args.batch_size // rt.world
     pin = rt.device.type == "cuda"
     if args.rcs:
         counts, mean_area = class_statistics(source_train, num_classes, stats_path(args, source_train, num_classes),
                                              rt, args.num_workers)
-        builtin = args.source in ("gta", "synthia", "cityscapes")
         min_pixels = args.rcs_min_pixels if args.rcs_min_pixels is not None else (
-            3000 if builtin else max(1, round(3000 * mean_area / GTA5_FRAME_AREA)))
+            max(1, round(3000 * mean_area / GTA5_FRAME_AREA)))  # maintainer, #60: fewer pixels on small frames
+        # rank r takes positions r, r + world, ... of one stream: N processes draw what one process draws
         sampler = RareClassSampler(counts, args.rcs_temperature, min_pixels, args.seed,
-                                   start_iter, rt.rank, rt.world * per_rank_batch)
+                                   start_iter * per_rank_batch, rt.rank, rt.world)
         if rt.is_main:
             print("RCS P(c): " + ", ".join(f"{classes[c]} {p:.3f}" for c, p in zip(sampler.classes, sampler.probs))
                   + f"; min pixels {min_pixels}")
-        resize = TrainTransform(size=source_transform.size, keep_ratio=True)
-        crop_flip = TrainTransform(crop=crop, cat_max_ratio=0.75, flip=True)
+        resize = dataclasses.replace(source_transform, crop=None, flip=False)
+        crop_flip = dataclasses.replace(source_transform, size=None)
         source_batches = rcs_loader(RareClassDataset(source_train, resize, crop_flip,
-                                                     args.rcs_min_crop_ratio * min_pixels),
+                                                     args.rcs_min_crop_ratio * min_pixels if crop else 0),
                                     sampler, per_rank_batch, args.num_workers, pin)
     else:
         source_batches = train_loader(SegDataset(source_train, source_transform), per_rank_batch, args.seed,
@@ -747,7 +890,7 @@ def main():
     if args.compile:
         train_model = torch.compile(train_model)
         teacher_forward = torch.compile(teacher_forward) if teacher_forward is not None else None
-    crop_h = crop[0] if crop else (args.target_size or target_train.paper_size or target_train.load(0, False)[0].shape)[0]
+    crop_h = crop[0] if crop else frame_size(target_train, target_transform)[0]
     pseudo_crop = [round(r * crop_h / 512) for r in args.pseudo_crop]  # the paper's rows are for 512-row crops
 
     # TRY NOT TO MODIFY: training loop

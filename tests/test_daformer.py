@@ -16,6 +16,7 @@ import torch.nn as nn
 
 import daformer
 from common.cli import UserError, field_docs
+from common.data import CITYSCAPES_CLASSES, DomainSplit
 from common.runtime import Runtime
 from conftest import ROOT, run_script
 
@@ -73,7 +74,8 @@ def test_segformer_mit_checkpoint_lands_completely(tmp_path):
     path = tmp_path / "mit_b0_like.pth"
     torch.save(mit, path)
     model = daformer.DAFormerNet("pvt_v2_b0", 8)
-    assert daformer.load_init(model, str(path), "pvt_v2_b0") == "imagenet"  # raises on any missing/unexpected key
+    assert daformer.load_init(model, str(path), "pvt_v2_b0") == ("imagenet", "imagenet")  # strict: raises on any
+    # missing or unexpected key
     loaded = model.encoder.state_dict()
     assert loaded.keys() == source.state_dict().keys()
     assert all(torch.equal(loaded[k], v) for k, v in source.state_dict().items())
@@ -81,7 +83,7 @@ def test_segformer_mit_checkpoint_lands_completely(tmp_path):
     torch.save({"state_dict": {**{"backbone." + k: v for k, v in mit.items()}, "decode_head.x": torch.zeros(1)}},
                tmp_path / "mmseg.pth")
     model2 = daformer.DAFormerNet("pvt_v2_b0", 8)
-    daformer.load_init(model2, str(tmp_path / "mmseg.pth"), "pvt_v2_b0")
+    assert daformer.load_init(model2, str(tmp_path / "mmseg.pth"), "pvt_v2_b0")[1] == "trained"  # a segmentor
     assert all(torch.equal(model2.encoder.state_dict()[k], v) for k, v in loaded.items())
     del mit["norm4.weight"]
     torch.save(mit, path)
@@ -89,6 +91,69 @@ def test_segformer_mit_checkpoint_lands_completely(tmp_path):
         daformer.load_init(daformer.DAFormerNet("pvt_v2_b0", 8), str(path), "pvt_v2_b0")
     with pytest.raises(UserError, match="does not fit"):
         daformer.load_init(daformer.DAFormerNet("pvt_v2_b1", 8), str(tmp_path / "mmseg.pth"), "pvt_v2_b1")
+
+
+def test_fd_encoder_holds_imagenet_weights_whatever_init_loaded(tmp_path, monkeypatch):
+    """The official imnet_model is built from the ImageNet file, never from load_from (dacs.py:82-83)."""
+    imagenet = timm.create_model("pvt_v2_b0", num_classes=0).state_dict()  # stands in for timm's ImageNet file
+    monkeypatch.setattr(daformer, "imagenet_weights", lambda backbone, flag: imagenet)
+    trained = daformer.DAFormerNet("pvt_v2_b0", 8, decoder_dim=32)  # one of our checkpoints
+    torch.save({"model": trained.state_dict()}, tmp_path / "ours.pt")
+    mit_file = tmp_path / "mit_b0_like.pth"  # an ImageNet encoder file in SegFormer's names
+    torch.save(segformer_names(imagenet), mit_file)
+
+    def fd_weights(init, fd_init="auto"):
+        model = daformer.DAFormerNet("pvt_v2_b0", 8, decoder_dim=32)
+        _, student_init = daformer.load_init(model, init, "pvt_v2_b0")
+        encoder = daformer.fd_encoder(model, fd_init, student_init, "pvt_v2_b0")
+        assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.training
+        return model.encoder.state_dict(), encoder.state_dict()
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in b)
+
+    student, fd = fd_weights(str(tmp_path / "ours.pt"))  # --init a trained checkpoint: FD still ImageNet
+    assert same(student, trained.encoder.state_dict()) and same(fd, imagenet) and not same(fd, student)
+    student, fd = fd_weights(str(tmp_path / "ours.pt"), str(mit_file))  # --fd-init PATH
+    assert same(fd, imagenet)
+    for init in ("imagenet", str(mit_file)):  # the student starts from ImageNet weights: FD is their copy
+        student, fd = fd_weights(init)
+        assert same(student, imagenet) and same(fd, imagenet)
+    student, fd = fd_weights("none")  # quick preset: the random initial encoder (header deviation)
+    assert same(fd, student) and not same(fd, imagenet)
+    student, fd = fd_weights("none", "imagenet")
+    assert same(fd, imagenet)
+    with pytest.raises(UserError, match="trained segmentation model"):
+        fd_weights("none", str(tmp_path / "ours.pt"))
+
+
+def test_fd_classes_list_flag_and_errors_say_what_to_pass():
+    args = daformer.parse_args(daformer.Args, daformer.PRESETS, ["--fd-classes", "car", "person"])
+    assert args.fd_classes == ["car", "person"]
+    assert daformer.fd_class_ids(args.fd_classes, TOY_CLASSES) == [7, 6]
+    cityscapes = list(CITYSCAPES_CLASSES)
+    assert daformer.fd_class_ids([], cityscapes) == [6, 7, 11, 12, 13, 14, 15, 16, 17, 18]  # gta2cs config :27
+    assert daformer.fd_class_ids([], TOY_CLASSES) == [6, 7]
+    with pytest.raises(UserError, match=r"has none of the paper's .*--fd-classes NAME \[NAME ...\] or pass --no-fd"):
+        daformer.fd_class_ids([], ["ground", "wall"])  # a folder dataset without thing classes
+    with pytest.raises(UserError, match="--fd-classes: unicorn not in the class list"):
+        daformer.fd_class_ids(["car", "unicorn"], TOY_CLASSES)
+
+
+def test_flags_of_a_switched_off_part_are_refused():
+    def check(*argv):
+        daformer.check_switched_flags(daformer.parse_args(daformer.Args, daformer.PRESETS, list(argv)))
+
+    check("--no-fd", "--no-rcs", "--no-warmup", "--source-only")  # switches alone
+    check("--preset", "quick", "--source-only")  # the quick preset's EMA alpha is not typed
+    check("--fd-lambda", "0.01", "--rcs-temperature", "0.1", "--warmup-iters", "10", "--ema-alpha", "0.9")
+    for argv, fragment in ((["--no-fd", "--fd-classes", "car"], "--no-fd turns off what --fd-classes set"),
+                           (["--no-rcs", "--rcs-min-pixels", "10"], "--no-rcs turns off"),
+                           (["--no-warmup", "--warmup-iters", "10"], "--no-warmup turns off"),
+                           (["--source-only", "--pseudo-threshold", "0.9", "--no-mix"],
+                            "--pseudo-threshold, --mix would do nothing")):
+        with pytest.raises(UserError, match=fragment):
+            check(*argv)
 
 
 def test_param_groups_head_lr_and_no_decay_on_norms():
@@ -104,18 +169,29 @@ def test_param_groups_head_lr_and_no_decay_on_norms():
     assert [g["weight_decay"] for g in groups] == [0.01, 0.0, 0.01]
 
 
-def test_lr_schedule_warmup_then_poly():
-    a = daformer.Args()
+def scheduled_lrs(args, it, optimizer):
+    """The loop's schedule (training-loop block): poly over the resolved horizon times the warm-up, per group."""
+    horizon = args.poly_horizon or args.iters  # main()'s setup block
+    lr = daformer.poly_lr(args.lr, it, horizon, args.poly_power) * daformer.warmup_factor(
+        it, args.warmup_iters if args.warmup else 0, args.warmup_ratio)
+    daformer.set_lr(optimizer, lr)
+    return [g["lr"] for g in optimizer.param_groups]
 
-    def lr(it):
-        return daformer.poly_lr(a.lr, it, a.poly_horizon, a.poly_power) * daformer.warmup_factor(
-            it, a.warmup_iters, a.warmup_ratio)
 
-    assert lr(0) == pytest.approx(6e-5 * 1e-6)
-    assert lr(750) == pytest.approx(6e-5 * (1 - 750 / 40000) * (1 - 0.5 * (1 - 1e-6)))
-    assert lr(1500) == pytest.approx(6e-5 * (1 - 1500 / 40000))
-    assert lr(39999) == pytest.approx(6e-5 / 40000)  # the last iteration run; poly reaches 0 at 40k
-    assert lr(40000) == pytest.approx(0, abs=2e-9)
+def test_lr_schedule_follows_the_run_length_with_warmup_and_head_x10():
+    model = daformer.DAFormerNet("pvt_v2_b0", 8, decoder_dim=32)
+    optimizer = torch.optim.AdamW(model.param_groups(6e-5, 10.0, 0.01), lr=6e-5)
+    a = daformer.Args()  # paper: poly_horizon none = max_iters (mmcv PolyLrUpdaterHook), 40k
+    assert a.poly_horizon is None
+    assert scheduled_lrs(a, 0, optimizer) == pytest.approx([6e-11, 6e-11, 6e-10])  # warmup_ratio 1e-6, head x10
+    expected = 6e-5 * (1 - 750 / 40000) * (1 - 0.5 * (1 - 1e-6))
+    assert scheduled_lrs(a, 750, optimizer) == pytest.approx([expected, expected, 10 * expected])
+    assert scheduled_lrs(a, 1500, optimizer)[0] == pytest.approx(6e-5 * (1 - 1500 / 40000))
+    assert scheduled_lrs(a, 39999, optimizer)[2] == pytest.approx(10 * 6e-5 / 40000)  # poly reaches 0 at 40k
+    short = dataclasses.replace(a, iters=20000)  # --iters 20000: the whole schedule in 20k, not half of it
+    assert scheduled_lrs(short, 10000, optimizer) == pytest.approx([3e-5, 3e-5, 3e-4])
+    assert scheduled_lrs(short, 19999, optimizer)[0] == pytest.approx(6e-5 / 20000)
+    assert scheduled_lrs(short, 750, optimizer)[0] == pytest.approx(6e-5 * (1 - 750 / 20000) * (1 - 0.5 * (1 - 1e-6)))
     assert daformer.warmup_factor(5, 0, 1e-6) == 1.0  # --no-warmup
 
 
@@ -147,6 +223,21 @@ def test_pseudo_label_weight_is_one_scalar_with_row_crop():
     assert labels[1].eq(1).all() and labels.min() >= 0  # no ignore label: every pixel is weighted
     _, weight, _ = daformer.pseudo_labels(logits, (8, 4), 0.968, (0, 0))
     assert torch.all(weight == 0.75)
+
+
+def test_thresholded_and_distance_values_are_fp32_under_bf16():
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 3, 8, 8) * 4).bfloat16()  # what the teacher returns under bf16 autocast
+    labels, weight, q = daformer.pseudo_labels(logits, (16, 16), 0.968, (0, 0))
+    reference = torch.softmax(torch.nn.functional.interpolate(logits.float(), size=(16, 16), mode="bilinear"), 1)
+    assert q.dtype == weight.dtype == torch.float32
+    assert q.item() == (reference.max(1).values >= 0.968).float().mean().item()
+    assert torch.equal(labels, reference.argmax(1))
+    student, imnet = torch.randn(1, 4, 2, 2).bfloat16(), torch.randn(1, 4, 2, 2).bfloat16()
+    things = torch.ones(256, dtype=torch.bool)
+    fd = daformer.feature_distance(student, imnet, torch.zeros(1, 64, 64, dtype=torch.long), things, 0.75, 8)
+    assert fd.dtype == torch.float32
+    assert fd.item() == pytest.approx((student.float() - imnet.float()).norm(dim=1).mean().item(), rel=1e-6)
 
 
 def test_weighted_ce_averages_over_all_pixels():
@@ -234,6 +325,21 @@ def test_rcs_probabilities_and_sampler():
         daformer.RareClassSampler(counts, 0.01, min_pixels=60, seed=3)  # no image has > 60 px of class 2
 
 
+def test_rcs_stream_split_over_ranks_and_resumed():
+    """main() passes start = iterations done x per-rank batch, rank, world (as common.data.train_loader)."""
+    counts = np.array([[900, 50, 0], [800, 0, 30], [700, 100, 20]])
+
+    def batches(start_iter, per_rank_batch, rank, world, n):
+        stream = iter(daformer.RareClassSampler(counts, 0.01, 25, 7, start_iter * per_rank_batch, rank, world))
+        return [[next(stream) for _ in range(per_rank_batch)] for _ in range(n)]
+
+    one = batches(0, 2, 0, 1, 6)  # 1 process x batch 2
+    ranks = [batches(0, 1, r, 2, 6) for r in (0, 1)]  # 2 processes x batch 1
+    assert [b[0] for b in one] == [b[0] for b in ranks[0]] and [b[1] for b in one] == [b[0] for b in ranks[1]]
+    assert batches(4, 2, 0, 1, 2) == one[4:]  # resumed at iteration 4
+    assert batches(4, 1, 1, 2, 2) == ranks[1][4:]
+
+
 def test_rcs_recrops_the_same_image_until_the_class_shows():
     split = daformer.domain_split("toy-synth", "train")
     person = TOY_CLASSES.index("person")
@@ -278,10 +384,11 @@ def rcs_stats(tmp_path_factory):
     return path
 
 
-def tiny(rcs_stats):
-    return ["daformer.py", "--preset", "quick", "--crop-size", "64", "--decoder-dim", "32", "--batch-size", "2",
+def tiny(rcs_stats, crop="64"):
+    """rcs_stats None: for --no-rcs runs (the flag is refused there); crop "none": whole frames."""
+    return ["daformer.py", "--preset", "quick", "--crop-size", crop, "--decoder-dim", "32", "--batch-size", "2",
             "--eval-limit", "2", "--eval-size", "64", "128", "--num-workers", "0", "--log-every", "2",
-            "--rcs-stats", rcs_stats]
+            *(["--rcs-stats", rcs_stats] if rcs_stats else [])]
 
 
 def test_quick_run_writes_every_run_folder_file(tmp_path, rcs_stats):
@@ -324,12 +431,12 @@ def test_resume_continues_exactly(tmp_path, rcs_stats):
 
 def test_ablation_switches_run(tmp_path, rcs_stats):
     out = tmp_path / "ablation"
-    run_script(*tiny(rcs_stats), "--iters", "2", "--no-rcs", "--no-mix", "--no-warmup", "--decoder", "segformer",
-               "--ema-alpha", "0.99", "--out", str(out), check=True)
+    run_script(*tiny(None, crop="none"), "--iters", "2", "--no-rcs", "--no-mix", "--no-warmup", "--decoder",
+               "segformer", "--ema-alpha", "0.99", "--out", str(out), check=True)  # whole 128x256 frames
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    quick = daformer.PRESETS["quick"]  # iteration 1's lr without warm-up
+    quick = daformer.PRESETS["quick"]  # iteration 1's lr without warm-up, poly over the run's 2 iterations
     assert {"seg_src", "fd", "mix", "pseudo_weight"} <= set(row)
-    assert row["lr"] == pytest.approx(quick["lr"] * (1 - 1 / quick["poly_horizon"]))
+    assert row["lr"] == pytest.approx(quick["lr"] * (1 - 1 / 2))
     out = tmp_path / "source_only"
     run_script(*tiny(rcs_stats), "--iters", "2", "--source-only", "--no-fd", "--out", str(out), check=True)
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
@@ -337,20 +444,93 @@ def test_ablation_switches_run(tmp_path, rcs_stats):
     assert set(torch.load(out / "checkpoints" / "last.pt", weights_only=True)) >= {"model"}
 
 
-def test_dry_run_paper_network_reads_no_data(tmp_path):
+# The official recipe, field by field. C = configs/daformer/gta2cs_uda_warm_fdthings_rcs_croppl_a999_daformer_mitb5_s0.py,
+# D = configs/_base_/datasets/uda_gta_to_cityscapes_512x512.py, M = configs/_base_/models/daformer_conv1_mitb5.py,
+# U = configs/_base_/uda/dacs.py, S = configs/_base_/schedules/{adamw,poly10warm}.py (lhoyer/DAFormer e6f6e04);
+# methods.md section 9 where noted.
+OFFICIAL = dict(
+    source="gta", target="cityscapes",  # D:56-69
+    backbone="pvt_v2_b5",  # M:15 mit_b5 (= timm pvt_v2_b5, methods.md 9b)
+    init="imagenet",  # M:14 mit_b5.pth, ImageNet-1k (deviation: timm's ImageNet pvt_v2_b5, header)
+    iters=40000,  # C:47 max_iters
+    batch_size=2,  # D:54 samples_per_gpu 2, C:46 n_gpus 1 (and as many target images)
+    crop_size=[512, 512],  # D:11
+    lr=6e-5,  # C:40
+    seed=0,  # C:20 (paper: seeds 0, 1, 2)
+    weight_decay=0.01,  # S adamw.py:5; C:45 norm decay_mult 0
+    head_lr_mult=10.0,  # C:43
+    poly_horizon=40000,  # poly over runner.max_iters (mmcv PolyLrUpdaterHook), resolved from none
+    poly_power=1.0,  # S poly10warm.py:12, min_lr 0
+    warmup=True, warmup_iters=1500, warmup_ratio=1e-6,  # S poly10warm.py:9-11
+    decoder="daformer",  # configs/_base_/models/daformer_sepaspp_mitb5.py:14-20 (aspp, sep, 1/6/12/18, no pool)
+    decoder_dim=256, dropout=0.1,  # M:20-21,26
+    drop_path=0.1,  # mmseg/models/backbones/mix_transformer.py:203
+    ema_alpha=0.999,  # C:24
+    pseudo_threshold=0.968,  # U:10
+    pseudo_crop=[15, 120],  # C:30-31
+    mix=True,  # U:16 mix='class'
+    jitter_p=0.8,  # U:19 color_jitter_probability 0.2 is the threshold u > 0.2 (dacs_transforms.py:48)
+    jitter_strength=0.2,  # U:18
+    blur_p=0.5,  # U:17 blur=True, applied when u > 0.5 (dacs_transforms.py:72)
+    rcs=True, rcs_temperature=0.01, rcs_min_pixels=3000, rcs_min_crop_ratio=0.5,  # C:35-36
+    fd=True, fd_lambda=0.005, fd_purity=0.75,  # C:26,28
+    fd_classes=["traffic light", "traffic sign", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+                "bicycle"],  # C:27 ids 6, 7, 11-18
+    fd_init="auto",  # = the student's ImageNet encoder (dacs.py:82-83 builds imnet_model from M's pretrained)
+    source_size=None, target_size=None, eval_size=None,  # GTA 1280x720, CS 1024x512 (D:15,27,40): test below
+    eval_every=4000,  # C:50
+    log_every=50,  # configs/_base_/default_runtime.py:5
+    num_workers=4,  # D:55 workers_per_gpu
+    source_only=False, eval_limit=None, synthia_classes=19, normalization="auto",  # D:9-10 ImageNet mean/std RGB
+)
+# not recipe values: where and how the run is kept (official: one checkpoint at 40k, C:49; RCS statistics cached
+# next to the dataset), mixed precision (header deviation: the paper trained in fp32), and this run's mode
+OPERATIONAL = dict(data_root="data", preset="paper", checkpoint_every=5000, amp=True, device="cpu", compile=False,
+                   torch_deterministic=False, num_predictions=4, resume=None, eval_only=False, weights=[],
+                   dry_run=True, world_size=1, rank=0, rcs_stats=None)
+
+
+def test_paper_preset_is_the_official_recipe(tmp_path):
     out = tmp_path / "dry"
-    result = run_script("daformer.py", "--dry-run", "--data-root", str(tmp_path / "nothing"), "--out", str(out),
-                        "--device", "cpu", check=True)
-    params = json.loads((out / "config.json").read_text())["params"]
+    result = run_script("daformer.py", "--preset", "paper", "--dry-run", "--data-root", str(tmp_path / "nothing"),
+                        "--out", str(out), "--device", "cpu", check=True)
+    config = json.loads((out / "config.json").read_text())
+    resolved = {k: v for k, v in config["args"].items() if k != "out"}
+    assert resolved.keys() == OFFICIAL.keys() | OPERATIONAL.keys()  # a new field must be placed in one of them
+    assert {k: resolved[k] for k in OFFICIAL} == OFFICIAL
+    assert {k: resolved[k] for k in OPERATIONAL} == {**OPERATIONAL, "data_root": str(tmp_path / "nothing")}
+    assert config["normalization"] is None and config["num_classes"] == 19  # auto: imagenet once --init loads
+    params = config["params"]
     assert params["model"]["trainable"] == 81_443_008 + 3_712_275  # MiT-B5 + DAFormer decoder, 19 classes
-    assert params["imnet_encoder"]["total"] == 81_443_008 and "dry run" in result.stdout
+    assert params["imnet_encoder"]["total"] == 81_443_008 and params["teacher"]["trainable"] == 0
+    assert "dry run" in result.stdout
+
+
+def test_paper_frame_sizes_and_mmcv_resizing():
+    """mmseg's Resize (keep ratio, mmcv bilinear), RandomCrop 512 (source cat_max_ratio 0.75), RandomFlip 0.5."""
+    args = daformer.parse_args(daformer.Args, daformer.PRESETS, ["--preset", "paper"])
+    gta = DomainSplit("gta", "train", list(CITYSCAPES_CLASSES), [], [], paper_size=(720, 1280))
+    cityscapes = DomainSplit("cityscapes", "train", list(CITYSCAPES_CLASSES), [], [], paper_size=(512, 1024))
+    source, target = daformer.train_transforms(args, gta, cityscapes, (512, 512))
+    assert source.interpolation == target.interpolation == daformer.INTERPOLATION == "cv2-bilinear"
+    assert (source.cat_max_ratio, target.cat_max_ratio, source.flip, target.flip) == (0.75, 1.0, True, True)
+    resize_only = [dataclasses.replace(t, crop=None, flip=False) for t in (source, target)]
+    rng = np.random.default_rng(0)
+    frame = np.zeros((1052, 1914, 3), np.uint8)  # GTA5 -> 1280x704 (methods.md 9c.1)
+    assert resize_only[0](frame, None, rng)[0].shape[:2] == (704, 1280)
+    assert resize_only[1](np.zeros((1024, 2048, 3), np.uint8), None, rng)[0].shape[:2] == (512, 1024)
+    image, label = source(frame, np.zeros((1052, 1914), np.uint8), rng)
+    assert image.shape[:2] == label.shape == (512, 512)
 
 
 def test_bad_input_gives_one_line_errors(tmp_path, rcs_stats):
     for extra, fragment in ((["--backbone", "resnet50"], "unknown backbone"),
                             (["--init", str(tmp_path / "missing.pth")], "no such file"),
-                            (["--fd-classes", "unicorn"], "not in the class list")):
-        result = run_script(*tiny(rcs_stats), "--iters", "1", *extra, "--out", str(tmp_path / "bad"))
+                            (["--fd-classes", "unicorn"], "not in the class list"),
+                            (["--target-size", "64", "128"],
+                             "source frames resize to 128x256 and target frames to 64x128")):
+        crop = "none" if "--target-size" in extra else "64"
+        result = run_script(*tiny(rcs_stats, crop), "--iters", "1", *extra, "--out", str(tmp_path / "bad"))
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert result.returncode == 2 and "Traceback" not in result.stderr and len(errors) == 1, result.stderr[-2000:]
         assert fragment in errors[0]
@@ -365,3 +545,8 @@ def test_torchrun_two_processes_on_cpu(tmp_path, rcs_stats):
     assert json.loads((out / "results.json").read_text())["iters"] == 2
     assert json.loads((out / "config.json").read_text())["args"]["world_size"] == 2
     assert len([l for l in (out / "metrics.jsonl").read_text().splitlines() if "seg_src" in l]) == 1
+    # each rank scored its val shard with rank 0's BN statistics, i.e. with the model the checkpoint holds
+    run_script(*tiny(rcs_stats), "--eval-only", "--weights", str(out / "checkpoints" / "last.pt"), "--out",
+               str(tmp_path / "eval"), check=True)
+    scores = [json.loads((folder / "results.json").read_text())["per_class_iou"] for folder in (out, tmp_path / "eval")]
+    assert scores[0] == pytest.approx(scores[1], nan_ok=True)
