@@ -501,9 +501,10 @@ def prepare_command(split, size=None, keep_ratio=False, interpolation="bicubic",
     return " ".join(parts)
 
 
-def source_key(split, i) -> str:
-    """How a manifest names frame i: its image path relative to the data root."""
-    return os.path.relpath(split.images[i], split.root)
+def source_keys(split) -> list:
+    """How a manifest names each frame: its image path relative to the data root."""
+    prefix = os.path.join(split.root, "")  # the split's paths are built from it: a prefix, no relpath needed
+    return [p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, split.root) for p in split.images]
 
 
 def file_stamp(path) -> list:
@@ -586,8 +587,7 @@ def _validate_store(split, kind, manifest_path, size, keep_ratio, command):
         raise fail("broken", f"{have_bytes if have_bytes >= 0 else 'no'} data bytes, the manifest needs {want_bytes}")
     row_of = {it[0]: row for row, it in enumerate(items)}
     rows, missing, changed = [], [], []
-    for i in range(len(split)):
-        key = source_key(split, i)
+    for i, key in enumerate(source_keys(split)):
         row = row_of.get(key)
         if row is None:
             missing.append(key)
@@ -646,8 +646,8 @@ class ResizedFrames:
             _announce(f"data: {what} from the PNG files: the prepared copy lacks the "
                       f"{'labels' if images is not None else 'images'} (`{command}` adds them)")
         elif split.name in BUILTIN_FILES:
-            _announce(f"data: {what} from the PNG files; `{command}` makes a prepared copy that loads several "
-                      f"times faster (README 'Fast data loading: prepared copies')")
+            _announce(f"data: {what} from the PNG files; `{command}` makes a prepared copy that skips the PNG "
+                      f"decoding and the resize (README 'Fast data loading: prepared copies')")
 
     def describe(self) -> str:
         if self.size is None:

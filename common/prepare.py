@@ -28,7 +28,7 @@ from tqdm import tqdm
 from common.cli import UserError, guard
 from common.data import (INTERPOLATIONS, PREPARED_FORMAT, PREPARED_VERSION, _validate_store, domain_split,
                          file_stamp, open_store, prepare_command, prepared_dirs, read_image, read_label,
-                         resize_image, resize_label, resized_shape, source_key, store_name)
+                         resize_image, resize_label, resized_shape, source_keys, store_name)
 
 # What each recipe reads: domain -> [(split, resize size, keep_ratio, interpolation, labels)].
 # labels: "resized" (training), "native" (evaluation: full-resolution labels), "none" (an adaptation target).
@@ -154,8 +154,8 @@ def prepare(split, size=None, keep_ratio=False, interpolation="bicubic", labels=
         channels = 3 if kind == "images" else 0
         sizes = [h * w * max(channels, 1) for h, w in shapes]
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64).tolist()
-        items = [[source_key(split, i), h, w, *shape, *stamps, *(label_stamps if kind == "labels" else [])]
-                 for (i, (h, w, stamps, label_stamps)), shape in zip(probes, shapes)]
+        items = [[key, h, w, *shape, *stamps, *(label_stamps if kind == "labels" else [])]
+                 for key, (_, (h, w, stamps, label_stamps)), shape in zip(source_keys(split), probes, shapes)]
         manifest = {"format": PREPARED_FORMAT, "version": PREPARED_VERSION, "kind": kind, "domain": split.name,
                     "split": split.split, "name": name, "channels": channels, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "spec": {"size": list(stored_size) if stored_size else None, "keep_ratio": keep_ratio,
@@ -170,7 +170,7 @@ def prepare(split, size=None, keep_ratio=False, interpolation="bicubic", labels=
         raise UserError(f"the prepared copy of {split.name} {split.split} needs {_gb(total)}, {folder} has "
                         f"{_gb(free + reclaimed)} free")
     for _, stem, _, _, nbytes, _ in plans:
-        for old in (stem + ".json", stem + ".u8.partial"):  # the old manifest goes first: never a mismatched pair
+        for old in (stem + ".json", stem + ".u8", stem + ".u8.partial"):  # a stale copy goes, manifest first
             if os.path.exists(old):
                 os.remove(old)
         with open(stem + ".u8.partial", "wb") as f:
