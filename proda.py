@@ -2,63 +2,65 @@
 
 Zhang et al., "Prototypical Pseudo Label Denoising and Target Structure Learning for Domain Adaptive
 Semantic Segmentation", CVPR 2021, https://arxiv.org/abs/2101.10979, official code
-https://github.com/microsoft/ProDA (`models/adaptation_modelv2.py`, `models/deeplabv2.py`, `calc_prototype.py`).
-Pipeline (`--stage warmup|stage1|stage2|stage3|all`; each stage writes <out>/<stage>/ and is resumable):
-  warm-up: source CE + lambda_adv 0.01 LS-GAN on the target softmax (output space), frozen BN, SGD 2.5e-4
-    (head x10), D Adam 1e-4 betas (0.9, 0.99); or `--warmup-checkpoint PATH`.
-  prep a+b: the warm-up softmax of every target train frame at stride 8 (float16 memmap, <out>/stage1/pseudo/)
-    and the class prototypes: image-weighted mean 256-d warm-up features per warm-up argmax class.
-  stage 1 (4+4 per step, trainable BN, SGD 1e-4 for all): an EMA model (0.999, train mode, buffers copied) sees
-    the full target frame; its features (upsampled to 1/4) are warped to the weak view, omega_k =
-    softmax(-||f - eta_k|| / tau), pseudo-label = argmax_k(omega_k p0_k) (no cut-off). Loss = source CE +
-    SCE(weak, 0.1 CE + 1.0 RCE) + 10 KL(z_T || z_S) (prototype assignments, EMA weak view warped to the strong
-    view vs student strong view; padding and cut-out masked) + 0.1 mean(-log p). Then prototypes
-    eta <- 0.9999 eta + 0.0001 mean feature per (image, EMA-argmax class with >= 10 px), and the EMA update.
-  prep c: hard labels of the previous stage's model with flip TTA, uint8 labels + float16 confidences at 1/4
-    of the frame (<out>/stage2|3/pseudo/); confidence <= 0.95 -> ignore when read.
+https://github.com/microsoft/ProDA (9ba80c7: `models/adaptation_modelv2.py`, `models/deeplabv2.py`, `data/`).
+Pipeline (`--stage warmup|stage1|stage2|stage3|all`; each stage writes <out>/<stage>/, all resumable):
+  warm-up (`--warmup-checkpoint PATH` skips it): source CE + 0.01 LS-GAN on the target softmax with ProDA's
+    3x3 discriminator (D loss: both halves summed), BN frozen (its --freeze_bn, ProDA #42), SGD 2.5e-4 (head
+    x10), D Adam 1e-4 betas (0.9, 0.99), the stages' schedule (ProDA #21).
+  prep a+b: warm-up softmax of every target train frame at stride 8 (float16 memmap, <out>/stage1/pseudo/) and
+    the prototypes: image-weighted mean 256-d warm-up features per warm-up argmax class.
+  stage 1 (trainable BN, SGD 1e-4 for all): an EMA model (0.999, train mode, buffers copied) sees the full
+    target frame; its features (at 1/4) are warped to the weak view, omega_k = softmax(-||f - eta_k|| / tau),
+    pseudo-label = argmax_k(omega_k p0_k). Loss = source CE + SCE(weak, 0.1 CE + 1.0 RCE) + 10 KL(z_T || z_S)
+    (prototype assignments: the EMA's warped to the strong view vs the student's strong view; padding and
+    cut-out masked) + 0.1 mean(-log p). Then eta <- 0.9999 eta + 0.0001 mean feature per (image, EMA-argmax
+    class with >= 10 px), and the EMA update.
+  prep c: the previous stage's hard labels with flip TTA (uint8 + float16 confidence at 1/4 of the frame,
+    <out>/stage2|3/pseudo/); confidence <= 0.95 -> ignore.
   stages 2/3: source CE + CE(strong view, warped hard labels) + 1.0 KD(frozen eval-mode teacher, same strong
     image), SGD 6e-4 (head x10); stage 2 starts from `--student-init`, stage 3 from stage 2's weights.
-Views: frame scaled by U(0.537, 1.611) (= width U(0.5, 1.5) x 2200 of a 2048-wide frame), crop 512x896, flip;
-strong = weak + flip + 2 RandAugment ops (p 0.5, magnitude 1-9) + always-on Cutout min(H, W)/3 gray 127.
-All target losses at 1/4 of the crop. Network: the shared DeepLab-v2 backbone + ProDA's SE/GroupNorm head
-(ProDANet); eval at full 2048x1024 (`--preset paper`).
+Frames: GTA5 resized to 1914x1052, SYNTHIA 1280x760, Cityscapes 2048x1024, then to width U(0.5, 1.5) x 2200,
+crop 896x512, flip, 4+4 per step (`data/*_dataset.py`, `augmentations.py`); strong view = weak + flip + 2
+RandAugment ops (p 0.5, magnitude 1-9) + Cutout min(H, W)/3 gray 127. Maps reach the views as ProDA's
+full2weak (floored sizes, align_corners=True). Target losses at 1/4 of the crop. Network: the shared DeepLab-v2
+backbone + ProDA's SE/GroupNorm head; input RGB/255 without mean or std (`--normalization unit`, paper
+preset); eval on full 2048x1024 frames. `--source synthia`: ProDA's 16-way head and regulariser weight 0.
 Reported (paper, GTA5->Cityscapes, mIoU): warm-up 41.6, stage 1 53.7, stage 2 56.9, stage 3 57.5;
-SYNTHIA->Cityscapes (16 classes): stage 1 51.9, stage 2 54.6, stage 3 55.5 (62.0 on 13).
-Those numbers come from the official code, i.e. the buggy KD (`--kd-legacy`); the default here is the
-correct KL(p_teacher || p_student) summed over classes and averaged over pixels.
+SYNTHIA->Cityscapes (16 classes): stage 1 51.9, stage 2 54.6, stage 3 55.5 (62.0 on 13). They come from the
+official code's buggy KD (`--kd-legacy`); the default here is the correct KL(p_teacher || p_student).
 
 Deviations from the official code:
-- Warm-up discriminator: the repository's output-space FCDisc (adaptsegnet.py, five 4x4 convs) instead of
-  ProDA's four 3x3 stride-2 convs + 1x1; LS-GAN (`--gan ls`) and the weights are ProDA's.
-- Normalisation: as the init expects (torchvision ImageNet mean/std); ProDA feeds RGB/255 without mean/std.
-- BN: trainable BN in stages 1-3 is SyncBN only on CUDA under torchrun; on CPU/gloo each rank keeps its own
-  batch statistics (ProDA: SyncBN, one image per GPU). Warm-up keeps the shared frozen-affine BN.
-- Prototype updates: ProDA updates sequentially per (image, class); here the n image means of a step, summed
-  over ranks, update in closed form (1-m)^n eta + (1-(1-m)^n) mean (exact for n = 1; the same on all ranks).
-  Prototype init is one pass of image-weighted means (ProDA: a running mean with count cap 3000 over
-  4 passes, the same value while a class has < 3000 images).
-- Stored hard labels are at 1/4 of the target frame (ProDA: full 2048x1024, downsampled to 1/4 of the crop
-  when used); soft labels at stride 8 as ProDA. Both are memory-mapped .npy files, written with a progress bar.
-- RandAugment uses photometric ops only (no shear/rotate/translate), so only flip and Cutout are warped.
+- Hand-over: each stage starts from (and takes pseudo-labels from) the previous stage's final weights, so
+  nothing is selected on target labels; ProDA's README hands over `*_best_model.pkl`, the best of its 1k-
+  iteration Cityscapes-val evaluations (`--handover best` does that).
 - Stage 2 starts from `--student-init init` (the --init weights; paper: SimCLRv2 R101 + bn_clr, not
-  supported: give a converted file as PATH without bn_clr). `--preset quick` uses `teacher` (stage-1 weights),
-  since a random-init student cannot learn anything in 80 CPU iterations, and so a stage-2/3 lr of 5e-4
-  (2.5e-3, the warm-up's, wrecked the teacher-initialised student: benchmarks/proda.md).
-- `--preset quick` also freezes the student's BN in stages 2/3 (`--freeze-bn-stages stage2 stage3`, ProDA's own
-  `--freeze_bn` switch, which its README commands do not use): the trainable BN of stages 2/3 sees only source
-  crops and strong target views, and on the toy pair, whose domains differ mostly in colour statistics, those
-  running statistics alone cost 12-14 mIoU (benchmarks/proda.md). `--preset paper` trains BN as the README does.
-- Source frames get the same scale/crop/flip as the weak target view, relative to --source-size (ProDA
-  rescales the native GTA5 frames).
-- `--iters` is the length of each adaptation stage (paper ~62.4k), `--warmup-iters` the warm-up's;
-  `--batch-size` is the global batch, split over torchrun processes.
+  supported: give a converted file as PATH without bn_clr).
+- Trainable BN is SyncBN only on CUDA under torchrun; on CPU/gloo each rank keeps its own batch statistics.
+- Prototypes: the n image means of a step (summed over ranks) update in closed form (1-m)^n eta +
+  (1-(1-m)^n) mean (ProDA: one after another; exact for n = 1). Init: one pass of image-weighted means
+  (ProDA: a running mean with count cap 3000 over 4 passes, equal while a class has < 3000 images).
+- Hard labels are stored at 1/4 of the frame (ProDA: full size, downsampled when used); both label sets are
+  memory-mapped .npy files.
+- RandAugment: ProDA's photometric ops and magnitudes only (no shear/rotate/translate, whose label warps are
+  not implemented), so only flip and Cutout are warped.
+- Crops larger than the rescaled frame are zero-padded and the padding ignored (never at ProDA's sizes).
+- Mixed precision: on CUDA the forward and backward passes run under bf16 autocast (fp16 with a GradScaler
+  where bf16 is missing) with TF32 matmuls by default; the paper trained in fp32 (`--no-amp` gives fp32).
+  Losses, softmax, soft labels, pseudo-label argmax and confidences, the 0.95 threshold, prototype distances
+  and updates, the EMA update and the evaluation upsampling and argmax are computed in fp32.
+- Resizing: images bilinear (PIL), as the official loaders; labels nearest.
+- `--preset quick` (CPU, toy pair): `--student-init teacher` and stage-2/3 lr 5e-4 (a random-init student
+  learns nothing in 80 CPU iterations; 2.5e-3 wrecked it), BN frozen in stages 2/3 and trained in the
+  warm-up (`--freeze-bn-stages stage2 stage3`: a random init has no statistics worth freezing, and the
+  strong views' BN statistics cost 12-14 mIoU on the toy pair; benchmarks/proda.md).
+- `--iters` is the length of each stage, the warm-up's too unless `--warmup-iters` is given; `--batch-size`
+  is the global batch, split over torchrun processes.
 Docs: README.md, section "Methods"; benchmarks/proda.md.
 """
 import copy
 import dataclasses
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -72,11 +74,11 @@ from tqdm import tqdm
 
 from common.checkpoint import load_checkpoint, load_weights, resume_path, rng_state, save_checkpoint, set_rng_state
 from common.cli import UserError, guard, parse_args
-from common.data import (SegDataset, TrainTransform, class_setup, domain_split, eval_loader, normalize, resize_pair,
-                         train_loader)
+from common.data import SegDataset, TrainTransform, class_setup, domain_split, eval_loader, normalize, resize_pair, \
+    train_loader
 from common.metrics import evaluate_target
 from common.runlog import RunLog, param_counts, save_json
-from common.runtime import Runtime, resolve_out_dir, seed_everything, share_run_dir, unwrap
+from common.runtime import Runtime, resolve_out_dir, seed_everything, share_run_dir
 
 SCRIPT = "proda"
 
@@ -95,16 +97,16 @@ class Args:
     """DeepLab-v2 backbone: resnet18, resnet34, resnet50 or resnet101 (paper: resnet101)"""
     init: str = "imagenet"
     """imagenet (torchvision weights), none (random) or a local file (DeepLab init .pth or our checkpoint)"""
-    iters: int = 62400
-    """training iterations of each of stages 1, 2 and 3 (ProDA: ~62.4k; the warm-up: --warmup-iters)"""
+    iters: int = 62412
+    """training iterations of each stage, the warm-up's too unless --warmup-iters is given (ProDA: 84 x 743)"""
     batch_size: int = 4
-    """global source batch, split over torchrun processes (paper: 1)"""
+    """global source batch (and target batch), split over torchrun processes (ProDA: 4)"""
     crop_size: Optional[list[int]] = field(default_factory=lambda: [512, 896])
-    """random crop H [W] after resizing; none trains on whole resized frames (paper: none)"""
+    """random crop H [W] after the rescale; none trains on whole rescaled frames (ProDA: 512 896)"""
     lr: float = 2.5e-4
-    """backbone learning rate; the heads use head_lr_mult times it (paper: 2.5e-4)"""
+    """warm-up learning rate of the backbone; its head gets head_lr_mult times it (ProDA: 2.5e-4)"""
     seed: int = 1337
-    """seed of every random choice (AdaptSegNet: 1234)"""
+    """seed of every random choice (ProDA: 1337)"""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """auto: cuda if available"""
     amp: bool = True
@@ -114,7 +116,7 @@ class Args:
     eval_every: int = 1000
     """evaluate on the target val split every N iterations (0: only at the end)"""
     checkpoint_every: int = 1000
-    """write checkpoints/last.pt every N iterations (AdaptSegNet snapshots every 5k)"""
+    """write checkpoints/last.pt every N iterations (ProDA saves at every 1k-iteration evaluation)"""
     out: Optional[str] = None
     """run folder (default runs/<script>-<source>2<target>-s<seed>-<timestamp>)"""
     resume: Optional[str] = None
@@ -130,9 +132,9 @@ class Args:
     torch_deterministic: bool = False
     """force deterministic cuDNN/cuBLAS kernels (slower)"""
     source_size: Optional[list[int]] = None
-    """resize source frames to H W (default: GTA5 720 1280, SYNTHIA 760 1280, Cityscapes 512 1024, else native)"""
+    """resize source frames to H W first (default: GTA5 1052 1914, SYNTHIA 760 1280, Cityscapes 1024 2048)"""
     target_size: Optional[list[int]] = None
-    """resize target frames to H W for training (default: Cityscapes 512 1024, else native)"""
+    """resize target frames to H W first: the EMA's and the pseudo-labels' full frame (default: Cityscapes 1024 2048)"""
     eval_size: Optional[list[int]] = None
     """evaluation input H W; logits are upsampled to the full label size (default: as target_size)"""
     eval_limit: Optional[int] = None
@@ -140,25 +142,17 @@ class Args:
     num_predictions: int = 4
     """colour-coded target-val predictions saved to predictions/ at the end"""
     synthia_classes: int = 19
-    """classes of the head when the source is SYNTHIA: 19 (evaluated on 16/13) or 16"""
-    normalization: Literal["auto", "imagenet", "caffe"] = "auto"
-    """input normalisation; auto: caffe (BGR, mean only) for Caffe DeepLab init files, else imagenet"""
-    multi_level: bool = False
-    """add the auxiliary classifier on layer3 (weight lambda_seg_aux), as the multi-level methods do"""
-    lambda_seg_aux: float = 0.1
-    """weight of the auxiliary segmentation loss (AdaptSegNet: 0.1)"""
-    aspp_branches: int = 4
-    """ASPP branches summed: 4 (ADVENT, BDL) or 2 (AdaptSegNet's released code)"""
-    bn_mode: Literal["train", "eval"] = "train"
-    """frozen-affine BN with batch statistics (train, official) or running statistics (eval)"""
+    """classes of the head when the source is SYNTHIA: 19 (evaluated on 16/13) or 16 (ProDA: 16)"""
+    normalization: Literal["auto", "imagenet", "caffe", "unit"] = "auto"
+    """input normalisation; auto: caffe for Caffe DeepLab init files, else imagenet; unit: RGB/255 (ProDA: unit)"""
     momentum: float = 0.9
-    """SGD momentum (paper: 0.9)"""
+    """SGD momentum (ProDA: 0.9)"""
     weight_decay: float = 2e-4
-    """SGD weight decay (paper: 5e-4)"""
+    """SGD weight decay (ProDA: 2e-4)"""
     head_lr_mult: float = 10.0
-    """learning-rate multiplier of the classifiers (paper: 10)"""
+    """learning-rate multiplier of the head in the warm-up and stages 2/3 (stage 1: 1) (ProDA: 10)"""
     poly_horizon: Optional[int] = 90000
-    """poly schedule horizon T in lr*(1-t/T)^power; none: the run length (--iters). Paper: 90k, a separate number
+    """poly horizon T in lr*(1-t/T)^power of every stage; none: each stage's length. Paper: 90k, a separate number
     from the iterations (it stays when --iters changes)"""
     poly_power: float = 0.9
     """poly schedule power (paper: 0.9)"""
@@ -166,12 +160,13 @@ class Args:
     # Algorithm specific arguments
     stage: Literal["warmup", "stage1", "stage2", "stage3", "all"] = "all"
     """pipeline step to run; all: warm-up, stage 1, 2, 3 in order, each starting from the previous one's output"""
-    warmup_iters: int = 20000
-    """iterations of the adversarial warm-up (not stated by the paper; the released warm-up model is usually used)"""
-    warmup_poly_horizon: Optional[int] = None
-    """poly horizon of the warm-up (default: poly_horizon)"""
+    warmup_iters: Optional[int] = None
+    """iterations of the adversarial warm-up; none: --iters (ProDA #21: the stages' schedule)"""
     warmup_checkpoint: Optional[str] = None
     """a finished warm-up checkpoint of this script; stage 1 starts from it and --stage all skips the warm-up"""
+    handover: Literal["last", "best"] = "last"
+    """what a stage hands to the next (weights, teacher, pseudo-labels): last (its final weights) or best (its best
+    target-val mIoU of the --eval-every and final evaluations: selects on target labels, as ProDA's README)"""
     lambda_adv: float = 0.01
     """warm-up: weight of the output-space adversarial loss on the target softmax (ProDA: 0.01)"""
     lr_d: float = 1e-4
@@ -182,8 +177,10 @@ class Args:
     """stage 1 learning rate, the same for backbone and head (ProDA: 1e-4)"""
     distill_lr: float = 6e-4
     """stages 2/3 learning rate; the head gets head_lr_mult times it (ProDA: 6e-4)"""
-    scale_range: list[float] = field(default_factory=lambda: [0.537, 1.611])
-    """random rescale of source and target frames before the crop (ProDA: width U(0.5, 1.5) x 2200 of 2048)"""
+    resize_width: int = 2200
+    """source and target frames are rescaled to width U(scale_range) x this before the crop (ProDA: 2200)"""
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    """random factor of --resize-width (ProDA: 0.5 1.5)"""
     randaugment_ops: int = 2
     """RandAugment ops of the strong view, each applied with p 0.5 (ProDA: 2)"""
     target_limit: Optional[int] = None
@@ -212,25 +209,27 @@ class Args:
     """reproduce the official KD bug: KL on the student's softmax instead of its log-softmax (paper numbers: on)"""
     student_init: str = "init"
     """stage-2 student start: init (the --init weights), teacher (stage-1 weights) or a file (paper: SimCLRv2)"""
-    freeze_bn_stages: list[str] = field(default_factory=list)
-    """stages 2/3 whose student keeps its BN in eval mode with frozen affine: the running statistics it starts
-    with never change; repeat the flag per stage, none for no stage (ProDA's --freeze_bn, which its README's
-    commands do not pass; quick: stage2 and stage3, benchmarks/proda.md)"""
+    freeze_bn_stages: list[str] = field(default_factory=lambda: ["warmup"])
+    """stages whose BN stays in eval mode with frozen affine (ProDA's --freeze_bn); the others train BN; none: no
+    stage (ProDA: warmup, #42)"""
 
     # to be filled in runtime
     world_size: int = field(default=0, metadata={"runtime": True})
     rank: int = field(default=0, metadata={"runtime": True})
+    warmup_poly_horizon: int = field(default=0, metadata={"runtime": True})  # poly_horizon, else warmup_iters
 
 
 PRESETS = {
-    "paper": dict(target_size=[1024, 2048], eval_size=[1024, 2048]),
+    "paper": dict(normalization="unit"),
     "quick": dict(source="toy-synth", target="toy-real", backbone="resnet18", init="none", iters=80, batch_size=4,
-                  lr=0.0025, eval_every=0, checkpoint_every=100, num_workers=1, log_every=10, poly_horizon=80,
+                  lr=0.0025, eval_every=0, checkpoint_every=100, num_workers=1, log_every=10, poly_horizon=None,
                   seed=0, source_size=[96, 192], target_size=[96, 192],
                   # method-specific: 160 warm-up + 3 x 80 stage iterations = source_only's 400
-                  warmup_iters=160, warmup_poly_horizon=160, crop_size=[64, 128], target_limit=400,
+                  warmup_iters=160, crop_size=[64, 128], resize_width=206, target_limit=400,
                   stage1_lr=0.001, distill_lr=0.0005, student_init="teacher", freeze_bn_stages=["stage2", "stage3"]),
 }
+SYNTHIA_RECIPE = dict(synthia_classes=16, lambda_regular=0.0)  # README stage-1 command: --n_class 16, no --regular_w
+FRAME_SIZES = {"gta": [1052, 1914], "synthia": [760, 1280], "cityscapes": [1024, 2048]}  # (H, W) data/*_dataset.py
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -391,29 +390,7 @@ def set_lr(optimizer, lr):
         group["lr"] = lr * group["lr_mult"]
 
 
-# ALGO LOGIC: output-space discriminator and adversarial losses
-class FCDiscriminator(nn.Module):
-    """Fully convolutional discriminator on a C-channel map (AdaptSegNet model/discriminator.py).
-
-    Five 4x4 convs with stride 2 and padding 1, channels num_classes -> ndf -> 2ndf -> 4ndf -> 8ndf -> 1,
-    LeakyReLU(0.2) after the first four, no normalisation and no sigmoid: domain logits at 1/32 of the input
-    size. Parameter names follow the official file, so its snapshots load.
-    """
-
-    def __init__(self, num_classes, ndf=64):
-        super().__init__()
-        self.conv1 = nn.Conv2d(num_classes, ndf, 4, 2, 1)
-        self.conv2 = nn.Conv2d(ndf, ndf * 2, 4, 2, 1)
-        self.conv3 = nn.Conv2d(ndf * 2, ndf * 4, 4, 2, 1)
-        self.conv4 = nn.Conv2d(ndf * 4, ndf * 8, 4, 2, 1)
-        self.classifier = nn.Conv2d(ndf * 8, 1, 4, 2, 1)
-
-    def forward(self, x):
-        for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
-            x = F.leaky_relu(conv(x), 0.2)
-        return self.classifier(x)
-
-
+# ALGO LOGIC: adversarial losses (adaptsegnet.py's)
 SOURCE_LABEL, TARGET_LABEL = 0.0, 1.0  # domain labels of every discriminator in this repository
 
 
@@ -450,9 +427,25 @@ def softmax_at(logits, size):
     return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=True).softmax(1)
 
 
+# ALGO LOGIC: ProDA's warm-up discriminator and head (models/discriminator.py, models/deeplabv2.py)
+class ProDADiscriminator(nn.Module):
+    """Output-space discriminator of ProDA's warm-up: four 3x3 stride-2 convs num_classes -> 64 -> 128 -> 256 -> 512
+    with ReLU, ReLU, ReLU, LeakyReLU(0.2), then a 1x1 conv to one domain logit per position (1/16 of the input);
+    no normalisation, no sigmoid, PyTorch's default init. Parameter names follow the official file."""
+
+    def __init__(self, num_classes, ndf=64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(num_classes, ndf, 3, 2, 1)
+        self.conv2 = nn.Conv2d(ndf, ndf * 2, 3, 2, 1)
+        self.conv3 = nn.Conv2d(ndf * 2, ndf * 4, 3, 2, 1)
+        self.conv4 = nn.Conv2d(ndf * 4, ndf * 8, 3, 2, 1)
+        self.classifier = nn.Conv2d(ndf * 8, 1, 1)
+
+    def forward(self, x):
+        x = F.relu(self.conv3(F.relu(self.conv2(F.relu(self.conv1(x))))))
+        return self.classifier(F.leaky_relu(self.conv4(x), 0.2))
 
 
-# ALGO LOGIC: ProDA's head (models/deeplabv2.py Classifier_Module2) on the shared DeepLab-v2 backbone
 class SEBlock(nn.Module):
     """Squeeze-and-excitation: channel gates from a global average, two linear layers (reduction r)."""
 
@@ -494,23 +487,23 @@ class ProDAHead(nn.Module):
 
 class ProDANet(DeepLabV2):
     """The shared DeepLab-v2 backbone with ProDA's head; forward returns (256-d features, logits), both at
-    stride 8. trainable_bn: BN affine trained (stages 1-3, SyncBN in the paper); warm-up keeps it frozen.
-    bn_mode eval: BN always normalises with its running statistics, which never change (--freeze-bn-stages)."""
+    stride 8. BN trains (affine and statistics, ProDA's SyncBN), or with frozen_bn (ProDA's --freeze_bn)
+    normalises with running statistics that never change and keeps its affine fixed."""
 
-    def __init__(self, backbone="resnet101", num_classes=19, trainable_bn=False, bn_mode="train"):
-        super().__init__(backbone, num_classes, multi_level=False, bn_mode=bn_mode)
+    def __init__(self, backbone="resnet101", num_classes=19, frozen_bn=False):
+        # aspp_branches=0: the shared constructor builds no ASPP conv; ProDA's head takes its place
+        super().__init__(backbone, num_classes, aspp_branches=0, bn_mode="eval" if frozen_bn else "train")
         self.head = ProDAHead(512 * RESNETS[backbone][0].expansion, num_classes)
         for m in self.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.weight.requires_grad_(trainable_bn)
-                m.bias.requires_grad_(trainable_bn)
+                m.requires_grad_(not frozen_bn)
 
     def forward(self, x):
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
         return self.head(self.layer4(self.layer3(self.layer2(self.layer1(x)))))
 
 
-# ALGO LOGIC: prototypes, losses (all in fp32)
+# ALGO LOGIC: prototypes, losses (all in fp32; never call them under autocast)
 def prototype_distance(feat, prototypes):
     """Euclidean distance of each feature vector (N x D x H x W) to each prototype (C x D): N x C x H x W."""
     feat = feat.float()
@@ -597,55 +590,59 @@ def ema_update(ema, model, momentum):
         b_ema.copy_(b)
 
 
-# ALGO LOGIC: views. geometry rows: [sy, sx, y0, x0, crop_h, crop_w, flip, strong_flip, cut_y0, cut_x0, cut_y1,
-# cut_x1, H, W]: the full frame (H x W) scaled by (sy, sx), cropped at (y0, x0) (zero padding past the scaled
-# frame), flipped (weak view); then flipped again and cut out (strong view; cut box in strong-view pixels)
+# ALGO LOGIC: views. A geometry row (N x 12): [sh, sw, y0, x0, ch, cw, flip, strong_flip, cut_y0, cut_x0, cut_y1,
+# cut_x1]: the frame rescaled to sh x sw, cropped to ch x cw at (y0, x0) (zero padding past the rescaled frame)
+# and flipped is the weak view; flipped again and cut out (box in strong-view pixels) it is the strong view.
 def full_to_view(maps, geom, out_hw, mode="bilinear"):
-    """Warp maps covering the full frame onto the weak view at out_hw; also the mask of view pixels that come
-    from the frame (not padding)."""
+    """Warp maps covering the full frame onto the weak view at out_hw = crop / r, as ProDA's full2weak: resize to
+    floor(1/r of the rescaled frame), crop at floor(offset / r), flip, positions as F.interpolate with
+    align_corners=True. Also the mask of view pixels that lie on the rescaled frame (not padding)."""
     n, (h, w) = maps.shape[0], out_hw
-    sy, sx, y0, x0, ch, cw, flip = (geom[:, k].view(n, 1, 1) for k in range(7))
-    full_h, full_w = geom[:, 12].view(n, 1, 1), geom[:, 13].view(n, 1, 1)
-    v = (torch.arange(h, device=maps.device).view(1, h, 1) + 0.5) * ch / h  # pixel centres in view pixels
-    u = (torch.arange(w, device=maps.device).view(1, 1, w) + 0.5) * cw / w
-    u = torch.where(flip > 0, cw - u, u)
-    yf, xf = ((v + y0) / sy).expand(n, h, w), ((u + x0) / sx).expand(n, h, w)  # in full-frame pixels
-    grid = torch.stack([2 * xf / full_w - 1, 2 * yf / full_h - 1], -1)
-    out = F.grid_sample(maps.float(), grid, mode=mode, padding_mode="border", align_corners=False)
-    return out, (yf < full_h) & (xf < full_w)
+    sh, sw, y0, x0, ch, cw, flip = geom.t()[:7].reshape(7, n, 1, 1)
+    rows = torch.floor(y0 * h / ch) + torch.arange(h, device=maps.device).view(1, h, 1)  # in the rescaled map
+    cols = torch.arange(w, device=maps.device).view(1, 1, w)
+    cols = torch.floor(x0 * w / cw) + torch.where(flip > 0, w - 1 - cols, cols)
+    frame_h, frame_w = torch.floor(sh * h / ch), torch.floor(sw * w / cw)  # the rescaled map's size
+    grid = torch.stack([(2 * cols / (frame_w - 1).clamp(min=1) - 1).expand(n, h, w),
+                        (2 * rows / (frame_h - 1).clamp(min=1) - 1).expand(n, h, w)], -1)
+    out = F.grid_sample(maps.float(), grid, mode=mode, padding_mode="border", align_corners=True)
+    return out, (rows < frame_h) & (cols < frame_w)
 
 
 def weak_to_strong(maps, keep, geom):
-    """Apply the strong view's extra flip to weak-view maps (N x C x h x w) and drop its cut-out box from keep."""
+    """Apply the strong view's extra flip to weak-view maps (N x C x h x w) and drop its cut-out box (floored to
+    the map's grid, as ProDA's label_strong_T) from keep."""
     n, h, w = keep.shape
-    strong_flip = geom[:, 7].view(n, 1, 1, 1) > 0
-    maps = torch.where(strong_flip, maps.flip(-1), maps)
-    keep = torch.where(strong_flip[:, 0], keep.flip(-1), keep)
-    ch, cw = geom[:, 4].view(n, 1, 1), geom[:, 5].view(n, 1, 1)
-    v = (torch.arange(h, device=keep.device).view(1, h, 1) + 0.5) * ch / h
-    u = (torch.arange(w, device=keep.device).view(1, 1, w) + 0.5) * cw / w
-    cut = ((v >= geom[:, 8].view(n, 1, 1)) & (v < geom[:, 10].view(n, 1, 1))
-           & (u >= geom[:, 9].view(n, 1, 1)) & (u < geom[:, 11].view(n, 1, 1)))
+    ch, cw, _, strong_flip, cut_y0, cut_x0, cut_y1, cut_x1 = geom.t()[4:].reshape(8, n, 1, 1)
+    maps = torch.where(strong_flip.unsqueeze(1) > 0, maps.flip(-1), maps)
+    keep = torch.where(strong_flip > 0, keep.flip(-1), keep)
+    rows = torch.arange(h, device=keep.device).view(1, h, 1)
+    cols = torch.arange(w, device=keep.device).view(1, 1, w)
+    cut = ((rows >= torch.floor(cut_y0 * h / ch)) & (rows < torch.floor(cut_y1 * h / ch))
+           & (cols >= torch.floor(cut_x0 * w / cw)) & (cols < torch.floor(cut_x1 * w / cw)))
     return maps, keep & ~cut
 
 
-def _enhance(kind):
-    return lambda img, v, rng: kind(img).enhance(1 + v * 0.9 * (1 if rng.random() < 0.5 else -1))
+def _enhance(kind):  # factor 0.09 v + 0.05 in [0.14, 0.86] (randaugment.py: max 0.9, bias 0.05; never above 1)
+    return lambda img, v: kind(img).enhance(v * 0.9 / 10 + 0.05)
 
 
-# FixMatch RandAugment, photometric ops only (the geometric ones are not warped; header)
+# ProDA's RandAugmentMC pool (data/randaugment.py fixmatch_augment_pool), photometric ops only (header);
+# v in 1..9: posterize keeps 4-7 bits, solarize threshold 256 - 25.6 v
 RANDAUGMENT_OPS = [
-    lambda img, v, rng: ImageOps.autocontrast(img), lambda img, v, rng: ImageOps.equalize(img),
+    lambda img, v: ImageOps.autocontrast(img), lambda img, v: ImageOps.equalize(img), lambda img, v: img,
     _enhance(ImageEnhance.Brightness), _enhance(ImageEnhance.Color), _enhance(ImageEnhance.Contrast),
-    _enhance(ImageEnhance.Sharpness), lambda img, v, rng: ImageOps.posterize(img, 8 - int(v * 4)),
-    lambda img, v, rng: ImageOps.solarize(img, 256 - int(v * 256)), lambda img, v, rng: img]
+    _enhance(ImageEnhance.Sharpness), lambda img, v: ImageOps.posterize(img, v * 4 // 10 + 4),
+    lambda img, v: ImageOps.solarize(img, 256 - v * 256 // 10)]
 
 
 class TargetViews(torch.utils.data.Dataset):
-    """Target train frames: (full frame at `size`, weak view, strong view, geometry row, index), uint8 images."""
+    """Target train frames as dicts of uint8 images, only the `views` asked for: "full" (the frame at `size`),
+    "weak" (rescaled by U(scale), cropped, flipped), "strong" (weak + flip + RandAugment + Cutout); always
+    "geom" (the geometry row) and "index"."""
 
-    def __init__(self, split, size, crop, scale_range, randaugment_ops=2, limit=None):
-        self.split, self.size, self.crop, self.scale_range = split, tuple(size), tuple(crop), scale_range
+    def __init__(self, split, size, crop, scale, views, randaugment_ops=2, limit=None):
+        self.split, self.size, self.crop, self.scale, self.views = split, tuple(size), tuple(crop), scale, views
         self.ops, self.limit = randaugment_ops, min(limit or len(split), len(split))
 
     def __len__(self):
@@ -654,30 +651,37 @@ class TargetViews(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, seed = key
         rng = np.random.default_rng(seed)
-        full, _ = resize_pair(self.split.load(index, False)[0], None, self.size)
-        (full_h, full_w), (ch, cw) = full.shape[:2], self.crop
-        scale = rng.uniform(*self.scale_range)
-        scaled, _ = resize_pair(full, None, (int(full_h * scale + 0.5), int(full_w * scale + 0.5)))
-        sh, sw = scaled.shape[:2]
+        full, _ = resize_pair(self.split.load(index, False)[0], None, self.size, interpolation="bilinear")
+        s = rng.uniform(*self.scale)
+        scaled, _ = resize_pair(full, None, (int(full.shape[0] * s + 0.5), int(full.shape[1] * s + 0.5)),
+                                interpolation="bilinear")
+        (sh, sw), (ch, cw) = scaled.shape[:2], self.crop
         y0, x0 = int(rng.integers(0, max(sh - ch, 0) + 1)), int(rng.integers(0, max(sw - cw, 0) + 1))
         weak = np.zeros((ch, cw, 3), np.uint8)
         patch = scaled[y0:y0 + ch, x0:x0 + cw]
         weak[:patch.shape[0], :patch.shape[1]] = patch
         flip, strong_flip = rng.random() < 0.5, rng.random() < 0.5
         weak = weak[:, ::-1] if flip else weak
-        strong = Image.fromarray(np.ascontiguousarray(weak[:, ::-1] if strong_flip else weak))
-        for op in rng.integers(0, len(RANDAUGMENT_OPS), self.ops):
-            if rng.random() < 0.5:
-                strong = RANDAUGMENT_OPS[op](strong, rng.integers(1, 10) / 10, rng)
-        strong = np.array(strong)
-        side, cy, cx = min(ch, cw) // 3, rng.uniform(0, ch), rng.uniform(0, cw)  # always-on Cutout, gray 127
-        cut = [max(int(cy - side / 2), 0), max(int(cx - side / 2), 0), min(int(cy + side / 2), ch),
-               min(int(cx + side / 2), cw)]
-        strong[cut[0]:cut[2], cut[1]:cut[3]] = 127
-        geom = torch.tensor([sh / full_h, sw / full_w, y0, x0, ch, cw, flip, strong_flip, *cut, full_h, full_w],
-                            dtype=torch.float32)
-        as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))  # noqa: E731
-        return as_tensor(full), as_tensor(weak), as_tensor(strong), geom, index
+        out, cut = {"index": index}, [0, 0, 0, 0]
+        if "strong" in self.views:
+            strong = Image.fromarray(np.ascontiguousarray(weak[:, ::-1] if strong_flip else weak))
+            for op in rng.integers(0, len(RANDAUGMENT_OPS), self.ops):
+                if rng.random() < 0.5:
+                    strong = RANDAUGMENT_OPS[op](strong, int(rng.integers(1, 10)))
+            strong = np.array(strong)
+            side, cy, cx = min(ch, cw) // 3, rng.uniform(0, ch), rng.uniform(0, cw)  # always-on Cutout, gray 127
+            cy0, cx0 = int(max(cy - side / 2, 0)), int(max(cx - side / 2, 0))  # CutoutAbs: shrinks only at the far
+            cut = [cy0, cx0, min(cy0 + side, ch), min(cx0 + side, cw)]  # edge; PIL's rectangle fills its far corner
+            strong[cut[0]:cut[2] + 1, cut[1]:cut[3] + 1] = 127
+            out["strong"] = strong
+        if "weak" in self.views:
+            out["weak"] = weak
+        if "full" in self.views:
+            out["full"] = full
+        out = {k: torch.from_numpy(np.ascontiguousarray(v.transpose(2, 0, 1))) if isinstance(v, np.ndarray) else v
+               for k, v in out.items()}
+        out["geom"] = torch.tensor([sh, sw, y0, x0, ch, cw, flip, strong_flip, *cut], dtype=torch.float32)
+        return out
 
 
 def assert_same_on_ranks(rt, name, *tensors):
@@ -705,8 +709,22 @@ def open_rows(path, mode="r", shape=None, dtype=None):
     return np.load(path, mmap_mode=mode)
 
 
+def parse_proda_args(argv=None):
+    """parse_args, plus ProDA's SYNTHIA recipe with --source synthia (below explicit flags and the preset's own
+    values) and the warm-up's schedule (the stages' unless given)."""
+    args = parse_args(Args, PRESETS, argv, description=__doc__)
+    if args.source == "synthia":
+        presets = {name: {**SYNTHIA_RECIPE, **values} for name, values in PRESETS.items()}
+        args = parse_args(Args, presets, argv, description=__doc__)
+    args.warmup_iters = args.warmup_iters or args.iters
+    args.warmup_poly_horizon = args.poly_horizon or args.warmup_iters
+    args.source_size = args.source_size or FRAME_SIZES.get(args.source)  # else the first frame's size (main)
+    args.target_size = args.target_size or FRAME_SIZES.get(args.target)
+    return args
+
+
 def main():
-    args = parse_args(Args, PRESETS, description=__doc__)
+    args = parse_proda_args()  # ALGO LOGIC: parse_args plus the SYNTHIA recipe and the warm-up's schedule
     # TRY NOT TO MODIFY: setup
     rt = Runtime(args.device, args.amp)
     args.world_size, args.rank = rt.world, rt.rank
@@ -720,35 +738,35 @@ def main():
     ckpt_path = resume_path(args.resume, out_dir)
     channels_last = torch.channels_last if rt.channels_last else torch.preserve_format
 
-    # ALGO LOGIC: networks and optimisers (the dry run builds every stage's)
-    if not set(args.freeze_bn_stages) <= {"stage2", "stage3", "none"}:
-        raise UserError(f"--freeze-bn-stages {args.freeze_bn_stages}: use stage2, stage3 or none")
+    # ALGO LOGIC: networks and optimisers (each stage builds its own)
+    if not set(args.freeze_bn_stages) <= {*STAGES, "none"}:
+        raise UserError(f"--freeze-bn-stages {' '.join(args.freeze_bn_stages)}: use {', '.join(STAGES)} or none")
 
-    def build_net(trainable_bn, frozen_bn=False):
-        trainable_bn = trainable_bn and not frozen_bn
-        net = ProDANet(args.backbone, num_classes, trainable_bn, "eval" if frozen_bn else "train")
-        if rt.distributed and rt.device.type == "cuda" and trainable_bn:
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # ProDA: SyncBN in stages 1-3 (gloo/CPU: per rank)
-        return net.to(rt.device, memory_format=channels_last).train()  # train(): applies bn_mode eval
+    def build_net(frozen_bn):
+        net = ProDANet(args.backbone, num_classes, frozen_bn)
+        if rt.distributed and rt.device.type == "cuda" and not frozen_bn:
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # ProDA: SyncBN (gloo/CPU: statistics per rank)
+        return net.to(rt.device, memory_format=channels_last).train()
 
     def sgd(net, lr, head_lr_mult):
         return torch.optim.SGD(net.param_groups(lr, head_lr_mult), lr=lr, momentum=args.momentum,
                                weight_decay=args.weight_decay)
 
+    def chosen_norm(init_norm):  # an explicit --normalization beats what the init file implies
+        return args.normalization if args.normalization != "auto" else init_norm
+
     stages = STAGES if args.stage == "all" else (args.stage,)
     if args.warmup_checkpoint and args.stage == "all":
         stages = STAGES[1:]
-    iters_of = {"warmup": args.warmup_iters, "stage1": args.iters, "stage2": args.iters, "stage3": args.iters}
+    iters_of = {"warmup": args.warmup_iters, **dict.fromkeys(STAGES[1:], args.iters)}
+    horizon_of = {"warmup": args.warmup_poly_horizon, **dict.fromkeys(STAGES[1:], args.poly_horizon)}
 
     # TRY NOT TO MODIFY: run folder, dry run, resume
     log = RunLog(out_dir, rt.is_main)
+    log.write_config(SCRIPT, args, param_counts(model=ProDANet(args.backbone, num_classes),
+                                                disc_main=ProDADiscriminator(num_classes)),
+                     num_classes=num_classes, stages=list(stages))
     if args.dry_run:
-        model, disc = build_net(False), FCDiscriminator(num_classes)
-        sgd(model, args.lr, args.head_lr_mult), torch.optim.Adam(disc.parameters(), lr=args.lr_d, betas=(0.9, 0.99))
-        student = build_net(True)
-        sgd(student, args.stage1_lr, 1.0), sgd(student, args.distill_lr, args.head_lr_mult)
-        log.write_config(SCRIPT, args, param_counts(model=model, disc_main=disc, ema=student, teacher=model,
-                                                    student=student), num_classes=num_classes, stages=list(stages))
         print(f"dry run: config written to {log.path('config.json')}")
         return
     target_val = domain_split(args.target, "val", args.data_root)
@@ -765,7 +783,8 @@ def main():
             summary = evaluate_target(lambda x: net(to_input(x, norm))[1], target_val, rt, align_corners=True,
                                       log=log, num_predictions=args.num_predictions if final else 0,
                                       limit=args.eval_limit, eval_size=eval_size, pred_map=pred_map,
-                                      synthia_protocols=args.source == "synthia" and len(eval_classes) == 19)
+                                      synthia_protocols=args.source == "synthia" and len(eval_classes) == 19,
+                                      interpolation="bilinear")
         net.train()
         return summary
 
@@ -773,218 +792,217 @@ def main():
         if len(args.weights) != 1:
             raise UserError("--eval-only needs exactly one --weights PATH")
         ckpt = load_checkpoint(args.weights[0], SCRIPT, num_classes)
-        model = build_net(False)
+        model = build_net(frozen_bn=True)
         load_weights(model, ckpt["model"])
-        log.write_config(SCRIPT, args, param_counts(model=model), num_classes=num_classes)
         summary = evaluate_model(model, ckpt["normalization"], final=True)
         log.write_results(summary, ckpt["iter"], weights=args.weights, stage=ckpt["stage"])
         print(f"target val mIoU {summary['miou']:.2f} ({log.path('results.json')})")
         return
-    log.write_config(SCRIPT, args, param_counts(model=build_net(True), disc_main=FCDiscriminator(num_classes)),
-                     num_classes=num_classes, stages=list(stages))
     resume_ckpt = load_checkpoint(ckpt_path, SCRIPT, num_classes) if ckpt_path else None
+    if resume_ckpt is not None and "optimizer0" not in resume_ckpt:
+        raise UserError(f"{ckpt_path} holds weights only; resume from the run's checkpoints/last.pt")
     if resume_ckpt is not None and resume_ckpt["stage"] not in stages:
         if STAGES.index(resume_ckpt["stage"]) > STAGES.index(stages[-1]):
             raise UserError(f"{ckpt_path} is from {resume_ckpt['stage']}, past --stage {args.stage}: nothing to do")
         resume_ckpt = None  # an earlier stage's checkpoint: the requested stage starts fresh
 
     def stage_checkpoint(stage):
-        """A finished earlier stage's checkpoint, which this stage starts from (the stage hand-over)."""
-        path = (args.warmup_checkpoint if stage == "warmup" and args.warmup_checkpoint
-                else os.path.join(out_dir, stage, "checkpoints", "last.pt"))
-        if not os.path.isfile(path):
-            raise UserError(f"{path} does not exist: run --stage {stage} first with the same --out"
+        """A finished earlier stage's hand-over: its final weights (<stage>/checkpoints/last.pt) or, with
+        --handover best, its best on target val (best.pt)."""
+        if stage == "warmup" and args.warmup_checkpoint:
+            return load_checkpoint(args.warmup_checkpoint, SCRIPT, num_classes)
+        path = log.path(stage, "checkpoints", "last.pt")
+        if not os.path.isfile(path) or load_checkpoint(path, SCRIPT, num_classes)["iter"] < iters_of[stage]:
+            raise UserError(f"no finished {stage} in {path}: run --stage {stage} first with the same --out"
                             + (" (or pass --warmup-checkpoint)" if stage == "warmup" else ""))
-        ckpt = load_checkpoint(path, SCRIPT, num_classes)
-        if ckpt["stage"] != stage or ckpt["iter"] < iters_of[stage] and path != args.warmup_checkpoint:
-            raise UserError(f"{path} is {ckpt['stage']} at iteration {ckpt['iter']}, not a finished {stage}")
-        return ckpt
+        return load_checkpoint(log.path(stage, "checkpoints", f"{args.handover}.pt"), SCRIPT, num_classes)
 
-    # ALGO LOGIC: data (the stream of each stage and rank has its own seed)
+    # ALGO LOGIC: data (the streams of each stage have their own seeds; ranks split each stream)
     source_train = domain_split(args.source, "train", args.data_root, synthia_classes=args.synthia_classes)
     target_train = domain_split(args.target, "train", args.data_root, labelled=False)
-    source_size = args.source_size or source_train.paper_size
-    target_size = args.target_size or target_train.paper_size
+    # every frame of a domain is first resized to one size (ProDA's loaders); other datasets: their first frame's
+    source_size = args.source_size or list(source_train.load(0, False)[0].shape[:2])
+    target_size = args.target_size or list(target_train.load(0, False)[0].shape[:2])
     crop = args.crop_size or target_size
     crop = (crop[0], crop[0]) if len(crop) == 1 else tuple(crop)
     quarter = (crop[0] // 4, crop[1] // 4)  # every target loss lives at 1/4 of the crop (official)
     full_quarter = (target_size[0] // 4, target_size[1] // 4)
     per_rank_batch = args.batch_size // rt.world
-    loader_kw = dict(num_workers=args.num_workers, pin_memory=rt.device.type == "cuda")
 
-    def loaders(stage_index, start_iter):
-        seed = args.seed + 1000 * stage_index
-        source = SegDataset(source_train, TrainTransform(size=source_size, scale=tuple(args.scale_range),
-                                                         crop=crop, flip=True))
-        target = TargetViews(target_train, target_size, crop, args.scale_range, args.randaugment_ops,
+    def width_scale(size):  # the factor range that takes a frame of this size to width U(scale_range) x resize_width
+        return tuple(s * args.resize_width / size[1] for s in args.scale_range)
+
+    def loaders(stage, start_iter, views):
+        seed = args.seed + 1000 * STAGES.index(stage)
+        source = SegDataset(source_train, TrainTransform(size=source_size, scale=width_scale(source_size), crop=crop,
+                                                         flip=True, interpolation="bilinear"))
+        target = TargetViews(target_train, target_size, crop, width_scale(target_size), views, args.randaugment_ops,
                              args.target_limit)
-        return (train_loader(source, per_rank_batch, seed + rt.rank, start_iter, **loader_kw),
-                train_loader(target, per_rank_batch, seed + 100_003 + rt.rank, start_iter, **loader_kw))
+        kw = dict(num_workers=args.num_workers, pin_memory=rt.device.type == "cuda")
+        return (train_loader(source, per_rank_batch, seed, start_iter, rt.rank, rt.world, **kw),
+                train_loader(target, per_rank_batch, seed + 100_003, start_iter, rt.rank, rt.world, **kw))
 
-    def target_pass(desc):
-        """The target train frames at target_size, sharded over ranks, with a progress bar on rank 0."""
-        frames = SegDataset(target_train, eval_size=target_size, with_label=False)
-        n = min(args.target_limit or len(target_train), len(target_train))
-        loader = eval_loader(frames, rt.rank, rt.world, args.num_workers, n)
-        return n, tqdm(loader, desc=desc, disable=not rt.is_main, dynamic_ncols=True)
+    def target_pass(folder, desc, arrays, per_frame, finish=dict):
+        """per_frame(image) -> {name: row} over every target train frame (sharded over ranks, progress on rank 0)
+        into memory-mapped .npy files {name: (row shape, dtype)} in folder; then finish() on every rank, whose dict
+        goes into done.json. A pass with done.json is reused by --resume. Returns the files, read-only."""
+        done, paths = os.path.join(folder, "done.json"), {k: os.path.join(folder, f"{k}.npy") for k in arrays}
+        if not (args.resume and os.path.isfile(done)):
+            n = min(args.target_limit or len(target_train), len(target_train))
+            if rt.is_main:
+                os.makedirs(folder, exist_ok=True)
+                for k, (shape, dtype) in arrays.items():
+                    open_rows(paths[k], "w+", (n, *shape), dtype).flush()
+            rt.barrier()
+            rows = {k: open_rows(p, "r+") for k, p in paths.items()}
+            frames = SegDataset(target_train, eval_size=target_size, with_label=False, eval_interpolation="bilinear")
+            with torch.no_grad():
+                for image, _, index in tqdm(eval_loader(frames, rt.rank, rt.world, args.num_workers, n), desc=desc,
+                                            disable=not rt.is_main, dynamic_ncols=True):
+                    for k, row in per_frame(image).items():
+                        rows[k][int(index[0])] = row[0].cpu().numpy()
+            for r in rows.values():
+                r.flush()
+            extra = finish()
+            if rt.is_main:
+                save_json(done, {"frames": n, **{k: list(s) for k, (s, _) in arrays.items()}, **extra})
+            rt.barrier()
+        return {k: open_rows(p) for k, p in paths.items()}
 
     def prepare_soft_labels(net, norm, folder):
-        """Prep a+b: warm-up softmax of every target frame at stride 8 (float16 memmap) and the prototypes,
-        image-weighted means of the warm-up features per warm-up argmax class (pairs with >= 10 pixels)."""
-        done = os.path.join(folder, "done.json")
-        if args.resume and os.path.isfile(done):
-            return open_rows(os.path.join(folder, "soft.npy")), torch.load(
-                os.path.join(folder, "prototypes.pt"), weights_only=True).to(rt.device)
+        """Prep a+b: warm-up softmax of every target frame at stride 8 (float16) and the prototypes, image-weighted
+        means of the warm-up features per warm-up argmax class (pairs with >= 10 pixels)."""
+        sums, counts = torch.zeros(num_classes, 256, device=rt.device), torch.zeros(num_classes, device=rt.device)
+
+        def per_frame(image):
+            with rt.autocast():
+                feat, logits = net(to_input(image, norm))
+            prob = logits.float().softmax(1)
+            s, c = class_feature_sums(feat, prob.argmax(1), num_classes, args.proto_min_pixels)
+            sums.add_(s), counts.add_(c)
+            return {"soft": prob.half()}
+
+        def finish():
+            rt.all_reduce(sums), rt.all_reduce(counts)
+            if rt.is_main:
+                torch.save((sums / counts.clamp(min=1).unsqueeze(1)).cpu(), os.path.join(folder, "prototypes.pt"))
+            return {"class_images": counts.tolist()}
+
         net.eval()
         with torch.no_grad(), rt.autocast():
             stride8 = net(to_input(torch.zeros(1, 3, *target_size, dtype=torch.uint8), norm))[1].shape[-2:]
-            n, frames = target_pass("soft labels + prototypes")
-            if rt.is_main:
-                os.makedirs(folder, exist_ok=True)
-                open_rows(os.path.join(folder, "soft.npy"), "w+", (n, num_classes, *stride8), np.float16).flush()
-            rt.barrier()
-            rows = open_rows(os.path.join(folder, "soft.npy"), "r+")
-            sums = torch.zeros(num_classes, 256, device=rt.device)
-            counts = torch.zeros(num_classes, device=rt.device)
-            for image, _, index in frames:
-                feat, logits = net(to_input(image, norm))
-                prob = logits.float().softmax(1)
-                rows[int(index[0])] = prob[0].half().cpu().numpy()
-                s, c = class_feature_sums(feat, prob.argmax(1), num_classes, args.proto_min_pixels)
-                sums += s
-                counts += c
-            rows.flush()
+        soft = target_pass(folder, "soft labels + prototypes", {"soft": ((num_classes, *stride8), np.float16)},
+                           per_frame, finish)["soft"]
         net.train()
-        rt.all_reduce(sums), rt.all_reduce(counts)
-        prototypes = sums / counts.clamp(min=1).unsqueeze(1)
-        if rt.is_main:
-            torch.save(prototypes.cpu(), os.path.join(folder, "prototypes.pt"))
-            save_json(done, {"frames": n, "soft_shape": [num_classes, *stride8], "class_images": counts.tolist()})
-        rt.barrier()
-        return open_rows(os.path.join(folder, "soft.npy")), prototypes
+        return soft, torch.load(os.path.join(folder, "prototypes.pt"), weights_only=True).to(rt.device)
 
     def prepare_hard_labels(net, norm, folder):
         """Prep c: hard labels (uint8) and confidences (float16) of the teacher with flip TTA, at 1/4 of the
         target frame; --label-threshold is applied when they are read."""
-        done = os.path.join(folder, "done.json")
-        if not (args.resume and os.path.isfile(done)):
-            n, frames = target_pass("hard labels (flip TTA)")
-            if rt.is_main:
-                os.makedirs(folder, exist_ok=True)
-                open_rows(os.path.join(folder, "labels.npy"), "w+", (n, *full_quarter), np.uint8).flush()
-                open_rows(os.path.join(folder, "conf.npy"), "w+", (n, *full_quarter), np.float16).flush()
-            rt.barrier()
-            labels, conf = (open_rows(os.path.join(folder, f), "r+") for f in ("labels.npy", "conf.npy"))
-            net.eval()
-            with torch.no_grad(), rt.autocast():
-                for image, _, index in frames:
-                    x = to_input(image, norm)
-                    prob = net(x)[1].float().softmax(1) + net(x.flip(-1))[1].float().softmax(1).flip(-1)
-                    prob = F.interpolate(prob / 2, size=full_quarter, mode="bilinear", align_corners=True)
-                    best, label = prob.max(1)
-                    labels[int(index[0])] = label[0].to(torch.uint8).cpu().numpy()
-                    conf[int(index[0])] = best[0].half().cpu().numpy()
-            net.train()
-            labels.flush(), conf.flush()
-            rt.barrier()
-            if rt.is_main:
-                save_json(done, {"frames": n, "shape": list(full_quarter)})
-            rt.barrier()
-        return open_rows(os.path.join(folder, "labels.npy")), open_rows(os.path.join(folder, "conf.npy"))
+        def per_frame(image):
+            x = to_input(image, norm)
+            with rt.autocast():
+                logits, flipped = net(x)[1], net(x.flip(-1))[1]
+            prob = (logits.float().softmax(1) + flipped.float().softmax(1).flip(-1)) / 2
+            conf, label = F.interpolate(prob, size=full_quarter, mode="bilinear", align_corners=True).max(1)
+            return {"labels": label.to(torch.uint8), "conf": conf.half()}
+
+        net.eval()
+        rows = target_pass(folder, "hard labels (flip TTA)", {"labels": (full_quarter, np.uint8),
+                                                                "conf": (full_quarter, np.float16)}, per_frame)
+        return rows["labels"], rows["conf"]
 
     def rows_of(rows, index):
         return torch.from_numpy(np.stack([rows[int(i)] for i in index])).to(rt.device, non_blocking=True)
 
-    # TRY NOT TO MODIFY: the training loop of every stage (logging, evaluation, checkpoints)
-    def train_stage(stage, net, optimizers, step, state, start_iter, norm):
-        """optimizers: (optimizer, base lr, poly horizon); step(it) -> losses; state() -> extra checkpoint entries."""
+    # TRY NOT TO MODIFY: the training loop of every stage (resume, logging, evaluation, checkpoints)
+    def train_stage(stage, net, norm, optimizers, step, views, state=dict, restore=lambda ckpt: None):
+        """One stage: step(source batch, target batch) -> losses; optimizers: (optimizer, base lr); state() ->
+        extra checkpoint entries, restore(checkpoint) reloads them. <out>/checkpoints/last.pt is the run's
+        resumable state (any stage); <stage>/checkpoints/last.pt (and best.pt with --handover best) the stage's
+        final (best) weights, which the next stage starts from."""
+        seed_everything(args.seed + STAGES.index(stage), args.torch_deterministic)
         stage_log = RunLog(log.path(stage), rt.is_main)
-        iters, running = iters_of[stage], {}
+        iters, running, start_iter, best_miou = iters_of[stage], {}, 0, -1.0
+        if resume_ckpt is not None and resume_ckpt["stage"] == stage:  # exact continuation
+            load_weights(net, resume_ckpt["model"])
+            for k, (optimizer, _) in enumerate(optimizers):
+                optimizer.load_state_dict(resume_ckpt[f"optimizer{k}"])
+            rt.scaler.load_state_dict(resume_ckpt["scaler"])
+            set_rng_state(resume_ckpt["rng"])
+            restore(resume_ckpt)
+            start_iter, best_miou = resume_ckpt["iter"], resume_ckpt["best_miou"]
+            print(f"resumed {stage} from {ckpt_path} at iteration {start_iter}")
+        source_batches, target_batches = loaders(stage, start_iter, views)
+
+        def weights(it):
+            return {"script": SCRIPT, "num_classes": num_classes, "stage": stage, "iter": it, "normalization": norm,
+                    "args": dataclasses.asdict(args), "model": net.state_dict()}
 
         def checkpoint(it):
             extra = state()  # on every rank: it may compare the ranks
             if rt.is_main:
-                path = stage_log.path("checkpoints", "last.pt")
-                save_checkpoint(path, {
-                    "script": SCRIPT, "num_classes": num_classes, "stage": stage, "iter": it, "normalization": norm,
-                    "args": dataclasses.asdict(args), "model": unwrap(net).state_dict(),
-                    **{f"optimizer{k}": o.state_dict() for k, (o, _, _) in enumerate(optimizers)},
-                    "scaler": rt.scaler.state_dict(), "rng": rng_state(), **extra})
-                tmp = log.path("checkpoints", "last.pt.tmp")  # the run's last.pt: a link to the newest stage's
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                try:
-                    os.link(path, tmp)
-                except OSError:
-                    shutil.copyfile(path, tmp)
-                os.replace(tmp, log.path("checkpoints", "last.pt"))
+                if it == iters:  # first, so a run whose last.pt says finished has the stage's final weights
+                    save_checkpoint(stage_log.path("checkpoints", "last.pt"), {**weights(it), **extra})
+                save_checkpoint(log.path("checkpoints", "last.pt"), {
+                    **weights(it), **{f"optimizer{k}": o.state_dict() for k, (o, _) in enumerate(optimizers)},
+                    "scaler": rt.scaler.state_dict(), "rng": rng_state(), "best_miou": best_miou, **extra})
+
+        def evaluate(it, final=False):
+            nonlocal best_miou
+            summary = evaluate_model(net, norm, final)
+            stage_log.log_eval(it, summary)
+            if args.handover == "best" and summary["miou"] >= best_miou:  # ProDA keeps the newest of equals
+                best_miou = summary["miou"]
+                if rt.is_main:
+                    save_checkpoint(stage_log.path("checkpoints", "best.pt"), {**weights(it), "miou": best_miou})
+            return summary
 
         stage_log.start_loop(start_iter)
         progress = tqdm(range(start_iter, iters), initial=start_iter, total=iters, disable=not rt.is_main,
                         desc=f"{SCRIPT} {stage}", dynamic_ncols=True)
         for it in progress:
-            lrs = [poly_lr(base_lr, it, horizon, args.poly_power) for _, base_lr, horizon in optimizers]
-            for (optimizer, _, _), lr in zip(optimizers, lrs):
-                set_lr(optimizer, lr)
-            lr = lrs[0]  # the segmenter's, logged
-            losses = step(it)
+            for optimizer, base_lr in optimizers:
+                set_lr(optimizer, poly_lr(base_lr, it, horizon_of[stage], args.poly_power))
+            losses = step(next(source_batches), next(target_batches))
             for k, v in losses.items():
                 running[k] = running.get(k, 0.0) + v.detach()
             done = it + 1
             if done % args.log_every == 0 or done % args.checkpoint_every == 0 or done == iters:
+                lr = poly_lr(optimizers[0][1], it, horizon_of[stage], args.poly_power)  # the segmenter's
                 scalars = stage_log.check_and_log(done, running, lr, args.batch_size, progress,
                                                   write=done % args.log_every == 0 or done == iters)
                 running = {} if scalars is not None else running
             if args.eval_every and done % args.eval_every == 0 and done != iters:
-                stage_log.log_eval(done, evaluate_model(net, norm))
+                evaluate(done)
             if done % args.checkpoint_every == 0 or done == iters:
                 checkpoint(done)
-        if start_iter == iters:
-            checkpoint(iters)  # a finished stage resumed: re-link the run's last.pt
-        summary = evaluate_model(net, norm, final=True)
-        stage_log.log_eval(iters, summary)
+        summary = evaluate(iters, final=True)
         stage_log.write_results(summary, iters, stage=stage)
-        log.write_results(summary, iters, stage=stage, total_iters=sum(iters_of[s] for s in STAGES[:STAGES.index(
-            stage) + 1]))  # the run's results.json: the newest stage's (stage 3's after --stage all)
+        if stage == stages[-1]:  # the run's results.json: its last stage's, so a half-done run is not finished
+            log.write_results(summary, iters, stage=stage,
+                              total_iters=sum(iters_of[s] for s in STAGES[:STAGES.index(stage) + 1]))
         stage_log.close()
         return summary
 
-    def resume_into(stage, net, optimizers):
-        """Exact continuation inside a stage; returns (start iteration, checkpoint or None)."""
-        seed_everything(args.seed + STAGES.index(stage), args.torch_deterministic)
-        ckpt = resume_ckpt if resume_ckpt is not None and resume_ckpt["stage"] == stage else None
-        if ckpt is None:
-            return 0, None
-        load_weights(unwrap(net), ckpt["model"])
-        for k, (optimizer, _, _) in enumerate(optimizers):
-            optimizer.load_state_dict(ckpt[f"optimizer{k}"])
-        rt.scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        print(f"resumed {stage} from {ckpt_path} at iteration {ckpt['iter']}")
-        return ckpt["iter"], ckpt
+    def sgd_step(loss, optimizer):
+        optimizer.zero_grad(set_to_none=True)
+        rt.scaler.scale(loss).backward()
+        rt.scaler.step(optimizer)
+        rt.scaler.update()
 
     # ALGO LOGIC: warm-up, output-space adversarial (source CE + lambda_adv LS-GAN on the target softmax)
     def run_warmup():
-        model = build_net(False)
-        resuming = resume_ckpt is not None and resume_ckpt["stage"] == "warmup"
-        norm = load_init(model, args.init, args.backbone) if not resuming else None
-        norm = args.normalization if args.normalization != "auto" else norm
-        disc = FCDiscriminator(num_classes).to(rt.device, memory_format=channels_last)
+        model = build_net(frozen_bn="warmup" in args.freeze_bn_stages)
+        norm = chosen_norm(load_init(model, args.init, args.backbone))
+        disc = ProDADiscriminator(num_classes).to(rt.device, memory_format=channels_last)
         optimizer = sgd(model, args.lr, args.head_lr_mult)
         d_optimizer = torch.optim.Adam([{"params": disc.parameters(), "lr_mult": 1.0}], lr=args.lr_d,
                                        betas=(0.9, 0.99))
-        horizon = args.warmup_poly_horizon or args.poly_horizon
-        optimizers = [(optimizer, args.lr, horizon), (d_optimizer, args.lr_d, horizon)]
-        start_iter, ckpt = resume_into("warmup", model, optimizers)
-        if ckpt is not None:
-            disc.load_state_dict(ckpt["disc_main"])
-            norm = ckpt["normalization"]
-        source_batches, target_batches = loaders(0, start_iter)
         train_model, train_disc = rt.wrap(model), rt.wrap(disc)
 
-        def step(it):
-            images, labels, _ = next(source_batches)
-            _, target_images, _, _, _ = next(target_batches)  # the weak target view
+        def step(source, target):
+            (images, labels, _), target_images = source, target["weak"]
             labels = labels.to(rt.device, non_blocking=True).long()
             with rt.autocast():
                 _, source_logits = train_model(to_input(images, norm))
@@ -993,60 +1011,49 @@ def main():
             target_map = softmax_at(target_logits, target_images.shape[-2:])
             set_requires_grad([disc], False)
             with rt.autocast():
-                losses = {"seg_src": seg_loss(source_logits, labels),
-                          "adv_main": generator_loss(disc, target_map, args.gan)}
-            loss = losses["seg_src"] + args.lambda_adv * losses["adv_main"]
-            optimizer.zero_grad(set_to_none=True)
-            d_optimizer.zero_grad(set_to_none=True)
-            rt.scaler.scale(loss).backward()
+                adv = generator_loss(disc, target_map, args.gan)
+            losses = {"seg_src": seg_loss(source_logits, labels), "adv_main": adv}
+            sgd_step(losses["seg_src"] + args.lambda_adv * losses["adv_main"], optimizer)
             set_requires_grad([disc], True)
-            with rt.autocast():
-                losses["d_main"] = discriminator_loss(train_disc, source_map, target_map, args.gan)
-            rt.scaler.scale(losses["d_main"]).backward()
-            rt.scaler.step(optimizer)
-            rt.scaler.step(d_optimizer)
-            rt.scaler.update()
+            with rt.autocast():  # ProDA's D loss sums the two halves (adaptation_modelv2.py:174-175)
+                losses["d_main"] = 2 * discriminator_loss(train_disc, source_map, target_map, args.gan)
+            sgd_step(losses["d_main"], d_optimizer)
             return losses
 
-        return train_stage("warmup", model, optimizers, step, lambda: {"disc_main": disc.state_dict()},
-                           start_iter, norm)
+        return train_stage("warmup", model, norm, [(optimizer, args.lr), (d_optimizer, args.lr_d)], step, ("weak",),
+                           state=lambda: {"disc_main": disc.state_dict()},
+                           restore=lambda ckpt: disc.load_state_dict(ckpt["disc_main"]))
 
     # ALGO LOGIC: stage 1, prototypical pseudo-label denoising + structure consistency
     def run_stage1():
         warm = stage_checkpoint("warmup")
-        model = build_net(True)
-        load_weights(unwrap(model), warm["model"])
+        model = build_net(frozen_bn="stage1" in args.freeze_bn_stages)
+        load_weights(model, warm["model"])
         norm = warm["normalization"]
         optimizer = sgd(model, args.stage1_lr, 1.0)  # stage 1: one lr for backbone and head (official)
-        optimizers = [(optimizer, args.stage1_lr, args.poly_horizon)]
         soft_rows, prototypes = prepare_soft_labels(model, norm, log.path("stage1", "pseudo"))
-        start_iter, ckpt = resume_into("stage1", model, optimizers)
-        ema = copy.deepcopy(unwrap(model)).requires_grad_(False)  # train mode, as the official EMA
-        if ckpt is not None:
-            ema.load_state_dict(ckpt["ema"])
-            prototypes = ckpt["prototypes"].to(rt.device)
-        source_batches, target_batches = loaders(1, start_iter)
+        ema = copy.deepcopy(model).requires_grad_(False)  # train mode, as the official EMA
         train_model = rt.wrap(model)
 
-        def step(it):
-            images, labels, _ = next(source_batches)
-            full, weak, strong, geom, index = next(target_batches)
+        def step(source, target):
+            images, labels, _ = source
             labels = labels.to(rt.device, non_blocking=True).long()
-            geom = geom.to(rt.device, non_blocking=True)
+            geom = target["geom"].to(rt.device, non_blocking=True)
             with torch.no_grad():
                 with rt.autocast():
-                    ema_feat, ema_logits = ema(to_input(full, norm))
+                    ema_feat, ema_logits = ema(to_input(target["full"], norm))
                 ema_feat = F.interpolate(ema_feat.float(), size=full_quarter, mode="bilinear", align_corners=True)
                 ema_logits = F.interpolate(ema_logits.float(), size=full_quarter, mode="bilinear",
                                            align_corners=True)
                 weak_feat, valid = full_to_view(ema_feat, geom, quarter)
                 weights = prototype_weights(weak_feat, prototypes, args.proto_temperature)
-                pseudo = denoise_labels(full_to_view(rows_of(soft_rows, index), geom, quarter)[0], weights, valid)
+                soft, _ = full_to_view(rows_of(soft_rows, target["index"]), geom, quarter)
+                pseudo = denoise_labels(soft, weights, valid)
                 teacher_assign, keep = weak_to_strong(weights, valid, geom)
             with rt.autocast():
                 _, source_logits = train_model(to_input(images, norm))
-                _, weak_logits = train_model(to_input(weak, norm))
-                strong_feat, _ = train_model(to_input(strong, norm))
+                _, weak_logits = train_model(to_input(target["weak"], norm))
+                strong_feat, _ = train_model(to_input(target["strong"], norm))
             weak_logits = F.interpolate(weak_logits.float(), size=quarter, mode="bilinear", align_corners=True)
             strong_feat = F.interpolate(strong_feat.float(), size=quarter, mode="bilinear", align_corners=True)
             losses = {"seg_src": seg_loss(source_logits, labels),
@@ -1054,17 +1061,13 @@ def main():
                       "proto_kl": consistency_loss(strong_feat, teacher_assign, prototypes, args.proto_temperature,
                                                    keep),
                       "reg": regular_loss(weak_logits)}
-            loss = (losses["seg_src"] + losses["sce"] + args.lambda_consistency * losses["proto_kl"]
-                    + args.lambda_regular * losses["reg"])
-            optimizer.zero_grad(set_to_none=True)
-            rt.scaler.scale(loss).backward()
-            rt.scaler.step(optimizer)
-            rt.scaler.update()
+            sgd_step(losses["seg_src"] + losses["sce"] + args.lambda_consistency * losses["proto_kl"]
+                     + args.lambda_regular * losses["reg"], optimizer)
             # prototypes from the EMA's full-frame features and argmax, summed over ranks before the update
             sums, counts = class_feature_sums(ema_feat, ema_logits.argmax(1), num_classes, args.proto_min_pixels)
             rt.all_reduce(sums), rt.all_reduce(counts)
             prototypes.copy_(update_prototypes(prototypes, sums, counts, args.proto_momentum))
-            ema_update(ema, unwrap(model), args.ema_momentum)
+            ema_update(ema, model, args.ema_momentum)
             losses["pseudo_weight"] = (pseudo != 255).float().mean()
             return losses
 
@@ -1072,60 +1075,57 @@ def main():
             assert_same_on_ranks(rt, "prototypes and EMA weights", prototypes, *ema.parameters())
             return {"ema": ema.state_dict(), "prototypes": prototypes}
 
-        return train_stage("stage1", model, optimizers, step, state, start_iter, norm)
+        def restore(ckpt):
+            ema.load_state_dict(ckpt["ema"])
+            prototypes.copy_(ckpt["prototypes"])
+
+        return train_stage("stage1", model, norm, [(optimizer, args.stage1_lr)], step, ("full", "weak", "strong"),
+                           state, restore)
 
     # ALGO LOGIC: stages 2 and 3, self-distillation into a student on the teacher's hard labels
     def run_distill(stage):
-        previous = STAGES[STAGES.index(stage) - 1]
-        prev = stage_checkpoint(previous)
-        norm = prev["normalization"]
-        teacher = build_net(False).requires_grad_(False)
+        prev = stage_checkpoint(STAGES[STAGES.index(stage) - 1])
+        teacher_norm = prev["normalization"]
+        teacher = build_net(frozen_bn=True).requires_grad_(False)  # the KD teacher: frozen, eval mode
         load_weights(teacher, prev["model"])
-        teacher.eval()  # the KD teacher: frozen, eval mode
-        labels_rows, conf_rows = prepare_hard_labels(teacher, norm, log.path(stage, "pseudo"))
+        labels_rows, conf_rows = prepare_hard_labels(teacher, teacher_norm, log.path(stage, "pseudo"))
         teacher.eval()
-        student = build_net(True, frozen_bn=stage in args.freeze_bn_stages)
+        student = build_net(frozen_bn=stage in args.freeze_bn_stages)
         if stage == "stage3" or args.student_init == "teacher":
-            load_weights(unwrap(student), prev["model"])
+            load_weights(student, prev["model"])
+            norm = teacher_norm
         else:  # stage 2: a fresh student (paper: SimCLRv2 R101 via a PATH; default the --init weights)
-            load_init(student, args.init if args.student_init == "init" else args.student_init, args.backbone)
+            init = args.init if args.student_init == "init" else args.student_init
+            norm = chosen_norm(load_init(student, init, args.backbone))
         optimizer = sgd(student, args.distill_lr, args.head_lr_mult)
-        optimizers = [(optimizer, args.distill_lr, args.poly_horizon)]
-        start_iter, _ = resume_into(stage, student, optimizers)
-        source_batches, target_batches = loaders(STAGES.index(stage), start_iter)
         train_model = rt.wrap(student)
 
-        def step(it):
-            images, labels, _ = next(source_batches)
-            _, _, strong, geom, index = next(target_batches)
+        def step(source, target):
+            images, labels, _ = source
             labels = labels.to(rt.device, non_blocking=True).long()
-            geom = geom.to(rt.device, non_blocking=True)
+            geom = target["geom"].to(rt.device, non_blocking=True)
             with torch.no_grad():
-                hard = rows_of(labels_rows, index).float()
-                hard[rows_of(conf_rows, index).float() <= args.label_threshold] = 255
+                hard = rows_of(labels_rows, target["index"]).float()
+                hard[rows_of(conf_rows, target["index"]).float() <= args.label_threshold] = 255
                 hard, valid = full_to_view(hard.unsqueeze(1), geom, quarter, mode="nearest")
                 hard, keep = weak_to_strong(hard, valid, geom)
                 hard = hard[:, 0].masked_fill(~keep, 255).long()
                 with rt.autocast():
-                    _, teacher_logits = teacher(to_input(strong, norm))
+                    _, teacher_logits = teacher(to_input(target["strong"], teacher_norm))
             with rt.autocast():
                 _, source_logits = train_model(to_input(images, norm))
-                _, strong_logits = train_model(to_input(strong, norm))
+                _, strong_logits = train_model(to_input(target["strong"], norm))
             size = dict(size=quarter, mode="bilinear", align_corners=True)
             losses = {"seg_src": seg_loss(source_logits, labels), "seg_tgt": seg_loss(strong_logits, hard),
                       "kd": kd_loss(F.interpolate(strong_logits.float(), **size),
                                     F.interpolate(teacher_logits.float(), **size), args.kd_legacy)}
-            loss = losses["seg_src"] + losses["seg_tgt"] + args.lambda_kd * losses["kd"]
-            optimizer.zero_grad(set_to_none=True)
-            rt.scaler.scale(loss).backward()
-            rt.scaler.step(optimizer)
-            rt.scaler.update()
+            sgd_step(losses["seg_src"] + losses["seg_tgt"] + args.lambda_kd * losses["kd"], optimizer)
             losses["pseudo_weight"] = (hard != 255).float().mean()
             return losses
 
-        return train_stage(stage, student, optimizers, step, dict, start_iter, norm)
+        return train_stage(stage, student, norm, [(optimizer, args.distill_lr)], step, ("strong",))
 
-    # TRY NOT TO MODIFY: run the stages in order; each writes <out>/<stage>/ and the run's results.json
+    # TRY NOT TO MODIFY: run the stages in order; each writes <out>/<stage>/ and the last one the run's results.json
     runners = {"warmup": run_warmup, "stage1": run_stage1, "stage2": lambda: run_distill("stage2"),
                "stage3": lambda: run_distill("stage3")}
     first = stages.index(resume_ckpt["stage"]) if resume_ckpt is not None else 0
@@ -1133,7 +1133,7 @@ def main():
         summary = runners[stage]()
         if rt.is_main:
             tqdm.write(f"{stage}: target val mIoU {summary['miou']:.2f}")
-        resume_ckpt = None if resume_ckpt is not None and resume_ckpt["stage"] == stage else resume_ckpt
+        resume_ckpt = None  # only the first stage run continues a checkpoint
     log.close()
     rt.close()
 

@@ -1,6 +1,8 @@
-"""proda.py: prototypes, losses and warps on hand-made tensors; shared blocks identical to source_only.py and
-adaptsegnet.py; smoke runs of every stage (quick preset, 32x64 toy frames, 1-2 iterations per stage, 2 eval
-images), resume within and between stages, and a 2-process torchrun run."""
+"""proda.py: the paper preset against the official recipe; prototypes, losses, warps and augmentations on
+hand-made tensors; shared blocks identical to source_only.py and adaptsegnet.py; smoke runs of every stage
+(quick preset, 32x64 toy frames, 1-2 iterations per stage, 2 eval images), BN freezing, the best-on-val
+hand-over, resume within and between stages, and a 2-process torchrun run."""
+import dataclasses
 import importlib
 import inspect
 import json
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -23,7 +26,7 @@ from common.cli import field_docs  # noqa: E402
 
 TINY = ["--preset", "quick", "--eval-limit", "2", "--num-workers", "0", "--batch-size", "2", "--log-every", "1",
         "--source-size", "32", "64", "--target-size", "32", "64", "--crop-size", "32", "64", "--eval-size", "32",
-        "64", "--num-predictions", "1", "--target-limit", "4", "--poly-horizon", "10", "--warmup-poly-horizon", "10",
+        "64", "--resize-width", "69", "--num-predictions", "1", "--target-limit", "4", "--poly-horizon", "10",
         "--warmup-iters", "2", "--iters", "2", "--checkpoint-every", "1"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
@@ -39,6 +42,55 @@ def run(*args, cmd=None, check=True):
 
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------- recipe
+def test_paper_preset_is_the_official_recipe():
+    """Every recipe field of `--preset paper` (GTA5 -> Cityscapes) against microsoft/ProDA 9ba80c7. Deliberate
+    differences (header): handover last (official: best on val), student_init init (official: SimCLRv2),
+    kd_legacy off (official: the buggy KD)."""
+    args = dataclasses.asdict(proda.parse_proda_args([]))
+    official = {
+        "backbone": "resnet101", "init": "imagenet",  # models/deeplabv2.py:356,360 (torchvision resnet101)
+        "normalization": "unit",  # RGB/255, mean 0: data/gta5_dataset.py:60,166-167, cityscapes_dataset.py:69,160
+        "iters": 84 * (2975 // 4),  # parser_train.py:14 epochs 84; train.py:46-47 over the target loader, bs 4,
+        # drop_last (data/__init__.py:89-95): 743 steps an epoch
+        "warmup_iters": 84 * (2975 // 4),  # ProDA #21: the warm-up trains as long as the stages
+        "poly_horizon": 90000, "warmup_poly_horizon": 90000, "poly_power": 0.9,  # parser_train.py:15, utils.py:11
+        "batch_size": 4, "seed": 1337,  # parser_train.py:12,20
+        "crop_size": [512, 896], "resize_width": 2200, "scale_range": [0.5, 1.5],  # parser_train.py:41-42,
+        # augmentations.py:433 (width U(0.5, 1.5) x 2200, height from the frame's aspect)
+        "source_size": [1052, 1914], "target_size": [1024, 2048],  # gta5_dataset.py:58, cityscapes_dataset.py:87
+        "eval_size": None,  # = target_size: the val frames at 2048x1024 (cityscapes_dataset.py:87,152)
+        "lr": 2.5e-4, "head_lr_mult": 10.0, "gan": "ls", "lambda_adv": 0.01,  # warm-up command (#42); model
+        # adaptation_modelv2.py:80-82 (x10 head), parser_train.py:48-49
+        "lr_d": 1e-4, "momentum": 0.9, "weight_decay": 2e-4,  # adaptation_modelv2.py:67,75
+        "freeze_bn_stages": ["warmup"],  # #42: --freeze_bn in the warm-up only (train.py:68-69, utils.py:87-92)
+        "stage1_lr": 1e-4,  # parser_train.py:11, README:72 passes no --lr; one rate for all (modelv2.py:84)
+        "proto_momentum": 1e-4, "proto_temperature": 1.0,  # parser_train.py:28,69
+        "proto_min_pixels": 10, "ema_momentum": 0.999,  # adaptation_modelv2.py:133,263
+        "sce_alpha": 0.1, "sce_beta": 1.0, "lambda_consistency": 10.0, "lambda_regular": 0.1,  # README:72 --rce
+        # --proto_consistW 10 --regular_w 0.1; parser_train.py:52-53
+        "randaugment_ops": 2,  # RandAugmentMC(2, 10): cityscapes_dataset.py:85
+        "distill_lr": 6e-4, "label_threshold": 0.95, "lambda_kd": 1.0,  # README:82 --lr 6e-4 --threshold 0.95
+        # --distillation 1 --finetune
+        "eval_every": 1000, "checkpoint_every": 1000,  # parser_train.py:63 val_interval; train.py:143-145
+        "synthia_classes": 19, "target_limit": None, "stage": "all",
+        "handover": "last", "student_init": "init", "kd_legacy": False,  # deliberate differences (docstring)
+    }
+    assert {k: args[k] for k in official} == official
+    # SYNTHIA (README:114): --n_class 16, no --regular_w (parser default 0); frames 1280x760 (synthia_dataset.py:27)
+    synthia = dataclasses.asdict(proda.parse_proda_args(["--source", "synthia"]))
+    assert (synthia["synthia_classes"], synthia["lambda_regular"], synthia["source_size"]) == (16, 0.0, [760, 1280])
+    explicit = proda.parse_proda_args(["--source", "synthia", "--lambda-regular", "0.1"])
+    assert (explicit.synthia_classes, explicit.lambda_regular) == (16, 0.1)
+
+
+def test_quick_preset_budget_and_schedules():
+    args = proda.parse_proda_args(["--preset", "quick"])
+    assert (args.warmup_iters, args.iters, args.warmup_poly_horizon, args.poly_horizon) == (160, 80, 160, None)
+    assert args.freeze_bn_stages == ["stage2", "stage3"]
+    assert proda.parse_proda_args(["--preset", "quick", "--poly-horizon", "500"]).warmup_poly_horizon == 500
 
 
 # ---------------------------------------------------------------------------------------------- units
@@ -118,8 +170,8 @@ def test_kd_loss_correct_and_legacy():
     assert proda.kd_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def geometry(sy=1.0, sx=1.0, y0=0, x0=0, ch=4, cw=8, flip=0, strong_flip=0, cut=(0, 0, 0, 0), full=(4, 8)):
-    return torch.tensor([[sy, sx, y0, x0, ch, cw, flip, strong_flip, *cut, *full]], dtype=torch.float32)
+def geometry(sh=4, sw=8, y0=0, x0=0, ch=4, cw=8, flip=0, strong_flip=0, cut=(0, 0, 0, 0)):
+    return torch.tensor([[sh, sw, y0, x0, ch, cw, flip, strong_flip, *cut]], dtype=torch.float32)
 
 
 def test_full_to_view_identity_flip_crop_and_padding():
@@ -128,12 +180,28 @@ def test_full_to_view_identity_flip_crop_and_padding():
     assert torch.equal(out, maps) and valid.all()
     out, _ = proda.full_to_view(maps, geometry(flip=1), (4, 8), mode="nearest")
     assert torch.equal(out, maps.flip(-1))
-    # scaled x2 (8x16), crop 4x8 at (2, 4): full-frame rows 1-2, columns 2-5, each pixel twice
-    out, valid = proda.full_to_view(maps, geometry(2.0, 2.0, 2, 4, full=(4, 8)), (2, 4), mode="nearest")
+    # rescaled x2 (8x16), crop 4x8 at (2, 4), view at 1/2 (2x4): rows 1-2, columns 2-5 of the 4x8 map
+    out, valid = proda.full_to_view(maps, geometry(8, 16, 2, 4), (2, 4), mode="nearest")
     assert torch.equal(out[0, 0], maps[0, 0, 1:3, 2:6]) and valid.all()
-    # scaled x0.5 (2x4) into a 4x8 crop: only the top-left quarter comes from the frame
-    out, valid = proda.full_to_view(maps, geometry(0.5, 0.5), (4, 8), mode="nearest")
+    # rescaled x0.5 (2x4) into a 4x8 crop: only the top-left quarter lies on the frame
+    out, valid = proda.full_to_view(maps, geometry(2, 4), (4, 8), mode="nearest")
     assert valid[0, :2, :4].all() and not valid[0, 2:].any() and not valid[0, :, 4:].any()
+
+
+def test_full_to_view_is_prodas_full2weak():
+    """ProDA's full2weak (adaptation_modelv2.py:325-338): F.interpolate to (int(h/4), int(w/4)) of the rescaled
+    frame with align_corners=True, crop at int(offset/4), flip."""
+    torch.manual_seed(0)
+    maps = torch.randn(2, 3, 16, 32)  # a full-frame map at 1/4 of a 64x128 frame
+    rows = [(97, 195, 33, 61, 1), (150, 301, 7, 170, 0)]  # rescaled h, w, crop y0, x0 (crop 64x128), flip
+    geom = torch.tensor([[h, w, y0, x0, 64, 128, flip, 0, 0, 0, 0, 0] for h, w, y0, x0, flip in rows],
+                        dtype=torch.float32)
+    out, valid = proda.full_to_view(maps, geom, (16, 32))
+    for k, (h, w, y0, x0, flip) in enumerate(rows):
+        want = F.interpolate(maps[k:k + 1], size=(h // 4, w // 4), mode="bilinear", align_corners=True)
+        want = want[..., y0 // 4:y0 // 4 + 16, x0 // 4:x0 // 4 + 32]
+        want = want.flip(-1) if flip else want
+        assert torch.allclose(out[k:k + 1], want, atol=1e-5) and valid[k].all()
 
 
 def test_weak_to_strong_flip_and_cutout():
@@ -142,18 +210,36 @@ def test_weak_to_strong_flip_and_cutout():
     out, kept = proda.weak_to_strong(maps, keep, geometry(ch=2, cw=4, strong_flip=1, cut=(0, 0, 1, 2)))
     assert torch.equal(out, maps.flip(-1))
     assert kept.tolist() == [[[False, False, True, True], [True, True, True, True]]]
+    # columns 1-3 of the crop on a half-size map: label_strong_T's 1 // 2 = 0 to 3 // 2 = 1, i.e. column 0
+    _, kept = proda.weak_to_strong(maps[..., :1, :2], keep[:, :1, :2], geometry(ch=2, cw=4, cut=(0, 1, 2, 3)))
+    assert kept.tolist() == [[[False, True]]]
 
 
-def test_target_views_shapes_and_geometry():
+def test_randaugment_magnitudes():
+    """ProDA's FixMatch pool (randaugment.py:22-34,73-75,130-132,171-187, v = randint(1, 10)): enhancement
+    factors 0.09 v + 0.05 in [0.14, 0.86], posterize to 4-7 bits, solarize above 256 - int(25.6 v)."""
+    gray = Image.fromarray(np.full((4, 4, 3), 200, np.uint8))
+    brightness, posterize, solarize = proda.RANDAUGMENT_OPS[3], proda.RANDAUGMENT_OPS[7], proda.RANDAUGMENT_OPS[8]
+    assert [int(np.asarray(brightness(gray, v))[0, 0, 0]) for v in (1, 9)] == [28, 172]  # 200 x 0.14, 200 x 0.86
+    white = Image.fromarray(np.full((1, 1, 3), 255, np.uint8))
+    assert [int(np.asarray(posterize(white, v))[0, 0, 0]) for v in (1, 9)] == [240, 254]  # 4 and 7 bits kept
+    assert [int(np.asarray(solarize(gray, v))[0, 0, 0]) for v in (1, 9)] == [200, 55]  # thresholds 231 and 26
+
+
+def test_target_views_shapes_geometry_and_cutout():
     from common.data import domain_split
-    views = proda.TargetViews(domain_split("toy-real", "train", labelled=False), (32, 64), (16, 32), [0.5, 1.5],
-                              limit=3)
-    full, weak, strong, geom, index = views[(1, 123)]
-    assert len(views) == 3 and index == 1
-    assert full.shape == (3, 32, 64) and weak.shape == strong.shape == (3, 16, 32) and full.dtype == torch.uint8
-    assert geom[12:].tolist() == [32, 64] and geom[4:6].tolist() == [16, 32]
-    cy0, cx0, cy1, cx1 = geom[8:12].long().tolist()
-    assert (strong[:, cy0:cy1, cx0:cx1] == 127).all()  # the always-on Cutout
+    split = domain_split("toy-real", "train", labelled=False)
+    views = proda.TargetViews(split, (32, 64), (16, 32), (0.5, 1.5), ("full", "weak", "strong"), limit=3)
+    item = views[(1, 123)]
+    assert len(views) == 3 and item["index"] == 1
+    assert item["full"].shape == (3, 32, 64) and item["weak"].shape == item["strong"].shape == (3, 16, 32)
+    assert item["full"].dtype == torch.uint8 and item["geom"][4:6].tolist() == [16, 32]
+    for seed in range(20):
+        cy0, cx0, cy1, cx1 = views[(0, seed)]["geom"][8:].long().tolist()
+        assert (views[(0, seed)]["strong"][:, cy0:cy1 + 1, cx0:cx1 + 1] == 127).all()  # PIL fills the far corner
+        assert cy1 - cy0 == min(5, 16 - cy0) and cx1 - cx0 == min(5, 32 - cx0)  # shrinks only at the far edge
+    only = proda.TargetViews(split, (32, 64), (16, 32), (0.5, 1.5), ("strong",), limit=3)[(1, 123)]
+    assert set(only) == {"strong", "geom", "index"}
 
 
 def test_ema_update_rule():
@@ -165,23 +251,25 @@ def test_ema_update_rule():
     assert torch.equal(ema.running_mean, model.running_mean)  # buffers copied
 
 
-def test_network_shapes_and_bn_modes():
-    net = proda.ProDANet("resnet18", 8, trainable_bn=False)
+def test_network_and_discriminator_shapes():
+    net = proda.ProDANet("resnet18", 8)
     feat, logits = net(torch.rand(2, 3, 64, 128))
     assert feat.shape == (2, 256, 9, 17) and logits.shape == (2, 8, 9, 17)  # output stride 8, ceil-mode pool
     assert net.head.classifier.bias is None
-    assert not any(m.weight.requires_grad for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    trainable = proda.ProDANet("resnet18", 8, trainable_bn=True)
-    assert all(m.weight.requires_grad for m in trainable.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    heads = {id(p) for p in trainable.param_groups(1.0, 10.0)[1]["params"]}
-    assert {id(p) for p in trainable.head.parameters()} == heads
+    assert all(m.weight.requires_grad for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert not any("aspp" in type(m).__name__.lower() for m in net.modules() if list(m.parameters()))
+    heads = {id(p) for p in net.param_groups(1.0, 10.0)[1]["params"]}
+    assert {id(p) for p in net.head.parameters()} == heads
+    disc = proda.ProDADiscriminator(8)
+    assert disc(torch.rand(2, 8, 64, 128)).shape == (2, 1, 4, 8)  # four stride-2 3x3 convs, then 1x1
+    assert [m.kernel_size for m in disc.modules() if isinstance(m, torch.nn.Conv2d)] == [(3, 3)] * 4 + [(1, 1)]
 
 
 def test_frozen_bn_keeps_running_statistics():
-    """--freeze-bn-stages: in train mode the student normalises with its running statistics and never
-    updates them, and its BN affine is not trainable; the default student updates both."""
-    frozen = proda.ProDANet("resnet18", 8, trainable_bn=False, bn_mode="eval").train()
-    free = proda.ProDANet("resnet18", 8, trainable_bn=True).train()
+    """ProDA's --freeze_bn: in train mode the network normalises with its running statistics and never updates
+    them, and its BN affine is not trainable; the default network updates both."""
+    frozen = proda.ProDANet("resnet18", 8, frozen_bn=True).train()
+    free = proda.ProDANet("resnet18", 8).train()
     free.load_state_dict(frozen.state_dict())
     before = {k: v.clone() for k, v in frozen.state_dict().items() if "running" in k}
     x = torch.rand(2, 3, 32, 64) * 5 + 3  # far from the init statistics (mean 0, var 1)
@@ -202,12 +290,14 @@ def test_shared_blocks_identical():
         assert inspect.getsource(getattr(proda, name)) == inspect.getsource(getattr(source_only, name)), name
     assert {k: (b.__name__, n) for k, (b, n) in proda.RESNETS.items()} == {
         k: (b.__name__, n) for k, (b, n) in source_only.RESNETS.items()}
-    for name in ("FCDiscriminator", "gan_loss", "discriminator_loss", "generator_loss", "set_requires_grad",
-                 "softmax_at"):
+    for name in ("gan_loss", "discriminator_loss", "generator_loss", "set_requires_grad", "softmax_at"):
         assert inspect.getsource(getattr(proda, name)) == inspect.getsource(getattr(adaptsegnet, name)), name
     docs, base_docs = field_docs(proda.Args), field_docs(source_only.Args)
-    # all help lines equal source_only.py's except --iters, which here means the length of each stage
-    assert all(docs[k] == v for k, v in base_docs.items() if k != "iters")
+    # help lines equal source_only.py's except where ProDA's recipe or meaning differs
+    own = {"iters", "batch_size", "crop_size", "lr", "seed", "checkpoint_every", "source_size", "target_size",
+           "synthia_classes", "normalization", "momentum", "weight_decay", "head_lr_mult", "poly_horizon"}
+    assert {k for k in base_docs if k in docs and docs[k] != base_docs[k]} == own
+    assert not {"multi_level", "lambda_seg_aux", "aspp_branches", "bn_mode"} & set(docs)  # ProDA has no use
 
 
 def test_every_field_has_help():
@@ -238,10 +328,13 @@ def test_run_folder(full_run):
         assert want <= set(rows[0]) and all(math.isfinite(rows[0][k]) for k in want), stage
         with open(os.path.join(full_run, stage, "results.json")) as f:
             assert json.load(f)["stage"] == stage
+        assert load(os.path.join(full_run, stage, "checkpoints", "last.pt"))["iter"] == 2
     with open(os.path.join(full_run, "results.json")) as f:
         top = json.load(f)
     assert top["stage"] == "stage3" and top["total_iters"] == 8 and 0 <= top["miou"] <= 100
-    assert load(os.path.join(full_run, "checkpoints", "last.pt"))["stage"] == "stage3"
+    last = load(os.path.join(full_run, "checkpoints", "last.pt"))
+    assert last["stage"] == "stage3" and "optimizer0" in last
+    assert not os.path.exists(os.path.join(full_run, "stage1", "checkpoints", "best.pt"))  # --handover last
 
 
 def test_stored_pseudo_labels(full_run):
@@ -255,37 +348,59 @@ def test_stored_pseudo_labels(full_run):
 
 
 def test_update_rules_in_checkpoints(full_run):
-    warm = load(os.path.join(full_run, "warmup", "checkpoints", "last.pt"))
-    stage1 = load(os.path.join(full_run, "stage1", "checkpoints", "last.pt"))
-    stage2 = load(os.path.join(full_run, "stage2", "checkpoints", "last.pt"))
-    # warm-up: BN affine frozen at its init (weight 1, bias 0); stage 1 trains it
-    assert torch.equal(warm["model"]["bn1.weight"], torch.ones(64))
+    warm, stage1, stage2 = (load(os.path.join(full_run, s, "checkpoints", "last.pt"))
+                            for s in ("warmup", "stage1", "stage2"))
+    init = proda.ProDANet("resnet18", 8).state_dict()
+    # quick preset: BN trains in the warm-up and stage 1, frozen in stages 2/3
+    assert not torch.equal(warm["model"]["bn1.weight"], init["bn1.weight"]) and "disc_main" in warm
     assert not torch.equal(stage1["model"]["bn1.weight"], warm["model"]["bn1.weight"])
     assert not torch.equal(stage1["model"]["conv1.weight"], warm["model"]["conv1.weight"])
     # EMA between warm-up and student, prototypes moved away from their warm-up init
     ema, student, start = (stage1["ema"]["conv1.weight"], stage1["model"]["conv1.weight"],
                            warm["model"]["conv1.weight"])
     assert not torch.equal(ema, student) and not torch.equal(ema, start)
-    init = load(os.path.join(full_run, "stage1", "pseudo", "prototypes.pt"))
-    assert stage1["prototypes"].shape == (8, 256) and not torch.equal(stage1["prototypes"], init)
+    protos = load(os.path.join(full_run, "stage1", "pseudo", "prototypes.pt"))
+    assert stage1["prototypes"].shape == (8, 256) and not torch.equal(stage1["prototypes"], protos)
     # stage 2 (quick: student starts from the teacher, BN frozen) trains the student's convolutions only
     assert not torch.equal(stage2["model"]["conv1.weight"], stage1["model"]["conv1.weight"])
     for k in ("bn1.weight", "bn1.running_mean", "bn1.running_var", "layer4.1.bn2.running_mean"):
         assert torch.equal(stage2["model"][k], stage1["model"][k]), k
 
 
-def test_freeze_bn_stages_none_trains_bn(tmp_path):
-    """`--freeze-bn-stages none` is the official default: stage 2's student updates its BN statistics."""
-    out = str(tmp_path / "free")
-    run("--out", out, "--warmup-iters", "1", "--iters", "1", "--freeze-bn-stages", "none", "--stage", "warmup")
-    run("--out", out, "--warmup-iters", "1", "--iters", "1", "--freeze-bn-stages", "none", "--stage", "stage1")
-    run("--out", out, "--warmup-iters", "1", "--iters", "1", "--freeze-bn-stages", "none", "--stage", "stage2")
-    stage1 = load(os.path.join(out, "stage1", "checkpoints", "last.pt"))["model"]
-    stage2 = load(os.path.join(out, "stage2", "checkpoints", "last.pt"))["model"]
+def test_freeze_bn_stages(tmp_path):
+    """`--freeze-bn-stages warmup` (the paper's): the warm-up keeps its initial BN statistics and affine, and
+    stage 2's student (not listed) trains both."""
+    out = str(tmp_path / "freeze")
+    flags = ("--out", out, "--warmup-iters", "1", "--iters", "1", "--freeze-bn-stages", "warmup")
+    run(*flags, "--stage", "warmup")
+    run(*flags, "--stage", "stage1")
+    run(*flags, "--stage", "stage2")
+    warm, stage1, stage2 = (load(os.path.join(out, s, "checkpoints", "last.pt"))["model"]
+                            for s in ("warmup", "stage1", "stage2"))
+    init = proda.ProDANet("resnet18", 8).state_dict()
+    for k in ("bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var"):
+        assert torch.equal(warm[k], init[k]), k
     assert not torch.equal(stage2["bn1.running_mean"], stage1["bn1.running_mean"])
     assert not torch.equal(stage2["bn1.weight"], stage1["bn1.weight"])
-    bad = run("--out", out, "--freeze-bn-stages", "stage1", check=False)
+    bad = run("--out", out, "--freeze-bn-stages", "stage4", check=False)
     assert bad.returncode == 2 and "error:" in bad.stderr + bad.stdout
+
+
+def test_handover_best(tmp_path):
+    """--handover best: best.pt is the best of the stage's evaluations (the newest of equals), and the next
+    stage starts from it; without best.pt the next stage stops with one error line."""
+    out = str(tmp_path / "best")
+    run("--out", out, "--stage", "warmup", "--handover", "best", "--eval-every", "1")
+    with open(os.path.join(out, "warmup", "metrics.jsonl")) as f:
+        evals = [row for row in map(json.loads, f) if "val_miou" in row]
+    best = load(os.path.join(out, "warmup", "checkpoints", "best.pt"))
+    top = max(row["val_miou"] for row in evals)
+    assert best["miou"] == pytest.approx(top) and best["iter"] == max(r["iter"] for r in evals if r["val_miou"] == top)
+    proc = run("--out", out, "--stage", "stage1", "--handover", "best", "--iters", "1")
+    assert proc.returncode == 0
+    os.remove(os.path.join(out, "warmup", "checkpoints", "best.pt"))
+    bad = run("--out", out, "--stage", "stage1", "--handover", "best", "--iters", "1", check=False)
+    assert bad.returncode == 2 and "best.pt" in bad.stderr
 
 
 def test_resume_within_and_between_stages(full_run, tmp_path):
@@ -302,6 +417,8 @@ def test_resume_within_and_between_stages(full_run, tmp_path):
     for name in ("labels.npy", "conf.npy"):  # stage 2's inputs come from the (resumed) stage 1
         assert np.array_equal(np.load(os.path.join(full_run, "stage2", "pseudo", name)),
                               np.load(os.path.join(out, "stage2", "pseudo", name)))
+    bad = run("--out", out, "--resume", os.path.join(out, "stage3", "checkpoints", "last.pt"), check=False)
+    assert bad.returncode == 2 and "weights only" in bad.stderr
 
 
 def test_dry_run(tmp_path):
@@ -309,8 +426,9 @@ def test_dry_run(tmp_path):
     run("--out", out, "--dry-run")
     with open(os.path.join(out, "config.json")) as f:
         config = json.load(f)
-    assert config["script"] == "proda" and {"model", "disc_main", "ema", "teacher", "student"} <= set(config["params"])
+    assert config["script"] == "proda" and {"model", "disc_main"} <= set(config["params"])
     assert config["stages"] == ["warmup", "stage1", "stage2", "stage3"]
+    assert config["args"]["warmup_poly_horizon"] == 10
 
 
 def test_torchrun_two_processes(tmp_path):
