@@ -6,6 +6,8 @@ datasets.md), the procedural toy pair `toy-synth`/`toy-real`, and any folder dat
 Loaders yield uint8 tensors; scripts normalise on the device (4x less host-to-device traffic).
 Randomness: every training sample gets its own seed from the sampler, so augmentation does not depend
 on worker count, and a resumed run sees exactly the samples an uninterrupted run would.
+Frames come from a prepared copy (common/prepare.py: stored at the recipe's resize, memory-mapped) when a
+valid one matches the dataset and resize, else from the PNG files; both give the same tensors.
 """
 import json
 import os

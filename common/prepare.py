@@ -157,7 +157,8 @@ def prepare(split, size=None, keep_ratio=False, interpolation="bicubic", labels=
         items = [[key, h, w, *shape, *stamps, *(label_stamps if kind == "labels" else [])]
                  for key, (_, (h, w, stamps, label_stamps)), shape in zip(source_keys(split), probes, shapes)]
         manifest = {"format": PREPARED_FORMAT, "version": PREPARED_VERSION, "kind": kind, "domain": split.name,
-                    "split": split.split, "name": name, "channels": channels, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "split": split.split, "name": name, "channels": channels,
+                    "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "spec": {"size": list(stored_size) if stored_size else None, "keep_ratio": keep_ratio,
                              "interpolation": interpolation},
                     "items": items}
