@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import shlex
 
 import numpy as np
 import pytest
@@ -208,9 +209,13 @@ def test_broken_copy_is_an_error_never_used(gta, tmp_path, damage):
 
 @pytest.mark.filterwarnings("ignore:gta train. found 4")
 def test_prepare_command_line(gta, tmp_path, capsys, script_runner):
+    """The command a dataset without a copy prints makes the copy it then uses."""
     root = str(tmp_path)
-    main(["gta", "--data-root", root, "--size", "36", "64", "--keep-ratio", "--interpolation", "cv2-bilinear",
-          "--workers", "2"])
+    assert not SegDataset(gta, RECIPES["daformer-keep-ratio-cv2-crop"]).frames.prepared
+    hint = capsys.readouterr().out
+    command = shlex.split(hint.split("`")[1])
+    assert command[:3] == ["python", "-m", "common.prepare"]
+    main(command[3:] + ["--workers", "2"])
     assert "100%" in capsys.readouterr().err  # the progress bar
     assert os.path.isfile(tmp_path / "prepared/gta-train/images-36x64-keep-cv2-bilinear.u8")
     assert SegDataset(gta, RECIPES["daformer-keep-ratio-cv2-crop"]).frames.prepared
