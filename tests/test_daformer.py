@@ -91,6 +91,8 @@ def test_segformer_mit_checkpoint_lands_completely(tmp_path):
         daformer.load_init(daformer.DAFormerNet("pvt_v2_b0", 8), str(path), "pvt_v2_b0")
     with pytest.raises(UserError, match="does not fit"):
         daformer.load_init(daformer.DAFormerNet("pvt_v2_b1", 8), str(tmp_path / "mmseg.pth"), "pvt_v2_b1")
+    with pytest.raises(UserError, match="--init .*missing.pth: no such file"):
+        daformer.load_init(model2, str(tmp_path / "missing.pth"), "pvt_v2_b0")
 
 
 def test_fd_encoder_holds_imagenet_weights_whatever_init_loaded(tmp_path, monkeypatch):
@@ -524,9 +526,8 @@ def test_paper_frame_sizes_and_mmcv_resizing():
 
 
 def test_bad_input_gives_one_line_errors(tmp_path, rcs_stats):
+    # (a missing --init file, unknown --fd-classes and flags of a switched-off part: unit tests above)
     for extra, fragment in ((["--backbone", "resnet50"], "unknown backbone"),
-                            (["--init", str(tmp_path / "missing.pth")], "no such file"),
-                            (["--fd-classes", "unicorn"], "not in the class list"),
                             (["--target-size", "64", "128"],
                              "source frames resize to 128x256 and target frames to 64x128")):
         crop = "none" if "--target-size" in extra else "64"
@@ -550,3 +551,22 @@ def test_torchrun_two_processes_on_cpu(tmp_path, rcs_stats):
                str(tmp_path / "eval"), check=True)
     scores = [json.loads((folder / "results.json").read_text())["per_class_iou"] for folder in (out, tmp_path / "eval")]
     assert scores[0] == pytest.approx(scores[1], nan_ok=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="NCCL needs a CUDA device")
+def test_collectives_run_on_the_cuda_device_under_nccl(tmp_path):
+    """NCCL refuses CPU tensors: the RCS class counts and the BN broadcast must go through the run's device.
+    A one-process NCCL group is enough to catch a CPU tensor (it raises the same error as on 2 GPUs)."""
+    import torch.distributed as dist
+    rt = Runtime("cuda")
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    rt.distributed = True
+    try:
+        split = daformer.domain_split("toy-synth", "train")
+        counts, area = daformer.class_statistics(split, 8, str(tmp_path / "stats.json"), rt)
+        assert counts.shape == (2000, 8) and area == 128 * 256
+        model = daformer.DAFormerNet("pvt_v2_b0", 8, decoder_dim=32).to(rt.device)
+        daformer.broadcast_bn_statistics(model, rt)
+    finally:
+        dist.destroy_process_group()
+
