@@ -2,8 +2,8 @@
 
 Sankaranarayanan, Balaji, Jain, Lim, Chellappa, "Learning from Synthetic Data: Addressing Domain Shift for
 Semantic Segmentation", CVPR 2018, https://arxiv.org/abs/1711.06969, official code
-https://github.com/swamiviv/LSD-seg (PyTorch 0.2: code/torchfcn/models/fcn8s_LSD.py, model_utils.py,
-trainer_LSD.py, code/train.py, util_fns.py).
+https://github.com/swamiviv/LSD-seg (PyTorch 0.2, commit e373e89: code/torchfcn/models/fcn8s_LSD.py,
+model_utils.py, trainer_LSD.py, datasets/segmentation_datasets.py, code/train.py, eval_cityscapes.py).
 Recipe (source_only.py plus the method; the network is not DeepLab-v2 but VGG-16 FCN-8s):
 - F + C: VGG-16 FCN-8s (conv1_1 padding 100, fc6 7x7 512->4096 and fc7 1x1 4096->4096 with ReLU and
   Dropout2d 0.5, score layers on fc7/pool4/pool3, crops at 5/9/31, bilinear deconvolutions without bias that
@@ -23,10 +23,26 @@ Recipe (source_only.py plus the method; the network is not DeepLab-v2 but VGG-16
         + 1.0 [L1(x_hat_s, x_s) + L1(x_hat_t, x_t)]   (the 0.1 is hard-coded in the official code);
   3. F and C: CE_seg + 0.1 [CE(D_s(x_hat_s), tgt-real) + CE(D_s(x_hat_t), src-real)] + 0.1 CE(D_c(x_hat_s), y_s)
      (the cross-domain term: source embeddings must look target-real, target ones source-real).
-- Optimisers: F and C Adam 1e-5, betas (0.9, 0.999), biases 2x lr, no weight decay, x0.1 every 8 epochs of
-  2,975 iterations (`--lr-step-every 23800`, poly power 0); G and D Adam 1e-4, betas (0.7, 0.999), constant.
-  100k iterations, batch 1, random 640x320 crops (GTA5 at 1280 wide, SYNTHIA native, Cityscapes full
-  resolution), evaluation at 640x320.
+- Optimisers: F and C Adam 1e-5, betas (0.9, 0.999), biases 2x lr, no weight decay, x0.1 every 8 epochs
+  (`--lr-step-epochs`, poly power 0; trainer_LSD.py:354-359); an epoch is the shorter of the two loaders in
+  batches (trainer_LSD.py:181-195): the 2,975 Cityscapes frames, so at batch 1 the steps fall at 23,800,
+  47,600, 71,400 and 95,200 iterations (at batch B: every 8 x ceil(2,975 / B)). G and D Adam 1e-4, betas
+  (0.7, 0.999), constant (train.py:109-110; the paper says 2e-4, the code's `lrd = 0.0002` is never used).
+  100k iterations, batch 1, seed 1337.
+- Data (segmentation_datasets.py, training branches): random 640x320 crops. GTA5 resized to width 1280 with
+  its aspect kept (1914x1052 -> 1280x703, height truncated, :327-334), crops re-drawn until they hold a
+  labelled pixel (:338-351); SYNTHIA at native 1280x760 (:254-262); Cityscapes at native 2048x1024 with a
+  50-px buffer (:420-427). The official crop corner is np.random.randint(0, H - crop [- 50]), upper bound
+  excluded, so the last row and column (GTA5, SYNTHIA) or the last 51 (Cityscapes) never enter a crop; here
+  those are trimmed before a uniform crop: the same set of crop positions. Source frames: the official
+  train lists (data/filelist/*_train.txt), which hold out LSD-seg's source-val frames: GTA5 23,937 of
+  24,966 (ids 1-23999 except 15188, 17705 and 20801-20860; errata.txt logs size errors in 20801-20860), SYNTHIA
+  9,300 of 9,400 (ids 0-9299). We report the final checkpoint and never use the held-out frames; they are
+  left out only so that the training set is the official one (`--no-source-val-holdout` trains on all).
+- Evaluation (eval_cityscapes.py:90-137): the val image Lanczos-resized to 640x320 (segmentation_datasets.py
+  :429), the argmax taken there, and the label map nearest-resized (PIL) to 2048x1024
+  (`--eval-upsample nearest`; the other scripts upsample logits bilinearly: `--eval-upsample bilinear`).
+  SYNTHIA: a 19-way head, reported over 16 classes (protocol b, `miou16`).
 Reported (paper, VGG-16 FCN-8s): GTA5->Cityscapes 37.1 mIoU; SYNTHIA->Cityscapes 36.1 (16 classes).
 
 Loss reduction (issue 4): the official code SUMS every cross-entropy over pixels / D cells
@@ -40,6 +56,11 @@ count 0) times h*w/(H*W) (1/64 at D's stride 8), and an L1 term as its mean time
 factors the published weights (adv 0.1, c 0.1, G-internal 0.1, l1 1.0) are used unchanged and keep their
 official relative scale. metrics.jsonl logs the per-cell means (ignored cells count 0) and the plain mean
 L1, before these factors and before the weights.
+The L1 reconstruction term is in effect off, in the official reduction as here (both reductions divide
+every term by constants, so the ratio is the same): a mean over 3HW elements beside CE sums over D's cells,
+its gradient on G is 1.5e-3 of G's total at 96x192 (quick run, iteration 100; benchmarks/lsdseg_grad_ratio.py,
+benchmarks/lsdseg.md) and shrinks as 1/(H*W) at larger frames, so G is driven by D's class head and
+real/fake terms; `--l1-weight` keeps the published 1.0 and reproduces that.
 
 Update order on current PyTorch: the official code backpropagates L_G and L_F through graphs whose D (and G)
 had already been stepped, which current PyTorch refuses (in-place modification). Here F runs once per
@@ -50,31 +71,43 @@ step changes only its own network.
 Deviations from the official code:
 - init: torchvision ImageNet VGG-16 (`--init imagenet`, classifier.0/classifier.3 reshaped into fc6/fc7)
   with ImageNet normalisation, instead of the Caffe VGG-16 with BGR means; D sees RGB (official: BGR).
-- D's class-head labels are resized with nearest-exact sampling (PIL NEAREST, as the official code); the
-  official GTA loader resizes labels with LANCZOS, here the shared loaders resize with NEAREST.
+- Mixed precision: on CUDA the forward and backward passes run under bf16 autocast (fp16 with a GradScaler
+  where bf16 is missing) with TF32 matmuls by default; the paper trained in fp32 (`--no-amp` gives fp32).
+  Losses (every CE and L1 term, their scale factors and sums) and the evaluation argmax and upsampling are
+  computed in fp32.
+- Resizing: images Lanczos (PIL), as the official loaders, for training and evaluation; labels nearest. The
+  official GTA5 loader resizes labels with LANCZOS too (:334, a bug that blends class ids); here they are
+  resized with nearest. D's class-head labels: nearest-exact sampling (PIL NEAREST, as the official code).
+- Sampling: one seeded permutation of all source frames after another (official: both loaders restart at
+  every target epoch, so each epoch draws a fresh 2,975 of the source frames); the official loop also runs
+  one extra iteration (it stops after iteration 100,000, counted from 0).
 - The L1 terms are not divided by the batch size (official: mean over the batch, then / batch size again).
 - Model selection: the final checkpoint is evaluated (official: best source-val mIoU every 500 iterations).
 - G crops or zero-pads its upsampled maps to the skip and input sizes; with H and W multiples of 32 (640x320,
   96x192) the sizes already agree, as in the official code, and nothing is cropped or padded.
 - No DDP wrapper (three networks, several forwards and backwards each): every step's gradients are averaged
-  over the torchrun processes with one all_reduce. `--batch-size` is the global batch (source; as many target).
+  over the torchrun processes with one all_reduce. `--batch-size` is the global batch (source; as many target;
+  the official target loader has batch 1 and its code runs only at batch 1).
 - `--preset quick` (toy domains, CPU): source_only.py's shared values (400 iterations, batch 4, seed 0, poly
   0.9 over 400, 96x192 frames) with `vgg16_small` (all VGG channels / 8, fc6/fc7 512 wide) and G/D at
   width 8 (`--gan-width`, official 64) from random init (`--init none`), Adam 3e-4 for F and C (1e-5 is meant
-  for fine-tuning ImageNet weights), no crop, evaluation at the training size (benchmarks/lsdseg.md), and
-  10x the published weights of F's adaptation terms (`--adv-weight 1 --c-weight 1`): with the official
-  reduction the published 0.1 gives F an adaptation gradient of 0.6-2 % of its segmentation gradient, too
-  small to act within 400 iterations; 10x gives 6-20 %, the band adaptsegnet.py's quick preset uses
-  (benchmarks/lsdseg_grad_ratio.py, benchmarks/lsdseg.md). G's weights stay the published ones.
-  `--preset paper` keeps 0.1 / 0.1.
+  for fine-tuning ImageNet weights), no crop, no step decay, evaluation at the training size with bilinear
+  logits like the other scripts (`--eval-upsample bilinear`, so the toy comparison shares one protocol)
+  (benchmarks/lsdseg.md), and 10x the published weights of F's adaptation terms (`--adv-weight 1 --c-weight
+  1`): with the official reduction the published 0.1 gives F an adaptation gradient of 0.6-2 % of its
+  segmentation gradient, too small to act within 400 iterations; 10x gives 6-20 %, the band adaptsegnet.py's
+  quick preset uses (benchmarks/lsdseg_grad_ratio.py, benchmarks/lsdseg.md). G's weights stay the published
+  ones. `--preset paper` keeps 0.1 / 0.1.
 `--adv-weight 0 --c-weight 0` trains the same F + C on source only (G and D are skipped).
 Docs: README.md, section "Methods"; benchmarks/lsdseg.md.
 """
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -83,7 +116,8 @@ from tqdm import tqdm
 
 from common.checkpoint import load_checkpoint, load_weights, resume_path, rng_state, save_checkpoint, set_rng_state
 from common.cli import UserError, guard, parse_args
-from common.data import SegDataset, TrainTransform, class_setup, domain_split, normalize, train_loader
+from common.data import (SegDataset, class_setup, domain_split, normalize, random_crop, resize_image, resize_label,
+                         resize_pair, train_loader)
 from common.metrics import evaluate_target
 from common.runlog import RunLog, param_counts
 from common.runtime import Runtime, resolve_out_dir, seed_everything, share_run_dir, unwrap
@@ -140,11 +174,12 @@ class Args:
     torch_deterministic: bool = False
     """force deterministic cuDNN/cuBLAS kernels (slower)"""
     source_size: Optional[list[int]] = None
-    """resize source frames to H W (default: GTA5 720 1280, SYNTHIA 760 1280, Cityscapes 512 1024, else native)"""
+    """resize source frames to H W; none: the official loader's size (GTA5 1280 wide with its aspect kept, 1280x703;
+    SYNTHIA, Cityscapes and other domains native)"""
     target_size: Optional[list[int]] = field(default_factory=lambda: [1024, 2048])
     """resize target frames to H W for training (official: Cityscapes at full resolution, 1024 2048)"""
     eval_size: Optional[list[int]] = field(default_factory=lambda: [320, 640])
-    """evaluation input H W; logits are upsampled to the full label size (official: 320 640)"""
+    """evaluation input H W, Lanczos-resized (official: 320 640); none: the training size"""
     eval_limit: Optional[int] = None
     """score only the first N target val images (default: all)"""
     num_predictions: int = 4
@@ -163,8 +198,9 @@ class Args:
     # Algorithm specific arguments
     bias_lr_mult: float = 2.0
     """learning-rate multiplier of F's and C's biases (official: 2)"""
-    lr_step_every: int = 23800
-    """multiply F's and C's lr by 0.1 every N iterations, 0: never (official: every 8 epochs of 2,975 = 23,800)"""
+    lr_step_epochs: int = 8
+    """multiply F's and C's lr by 0.1 every N epochs of the shorter loader (2,975 Cityscapes frames / batch), 0: never
+    (official: 8)"""
     lr_gan: float = 1e-4
     """constant Adam learning rate of G and D (official code: 1e-4; the paper says 2e-4)"""
     beta1_gan: float = 0.7
@@ -179,6 +215,11 @@ class Args:
     """weight of G's real/fake term (official: 0.1, hard-coded)"""
     l1_weight: float = 1.0
     """weight of G's L1 reconstruction terms, in official units (mean L1 / input pixels; official: 1.0)"""
+    eval_upsample: Literal["nearest", "bilinear"] = "nearest"
+    """nearest: argmax at --eval-size, label map nearest-resized to the label size (official eval_cityscapes.py);
+    bilinear: logits upsampled bilinearly, then argmax (the other scripts)"""
+    source_val_holdout: bool = True
+    """train on the official source train lists only (GTA5 23,937, SYNTHIA 9,300 frames; header); --no-...: all"""
 
     # to be filled in runtime
     world_size: int = field(default=0, metadata={"runtime": True})
@@ -191,8 +232,8 @@ PRESETS = {
                   lr=3e-4, eval_every=0, checkpoint_every=100, num_workers=1, log_every=10, poly_horizon=None,
                   seed=0, source_size=[96, 192], target_size=[96, 192],
                   # method-specific (header): source_only's poly schedule, no crop, small G and D
-                  poly_power=0.9, lr_step_every=0, crop_size=None, eval_size=None, gan_width=8,
-                  adv_weight=1.0, c_weight=1.0),
+                  poly_power=0.9, lr_step_epochs=0, crop_size=None, eval_size=None, gan_width=8,
+                  adv_weight=1.0, c_weight=1.0, eval_upsample="bilinear"),
 }
 
 
@@ -410,6 +451,97 @@ def set_lr(optimizer, lr):
 
 
 # ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: the official loaders, source lists, epochs and evaluation (header "Data", "Evaluation")
+OFFICIAL_LOADERS = {  # segmentation_datasets.py, training branch of each image_label_loader
+    "gta": dict(width=1280, margin=1, labelled_crop=True),  # :327-352: 1280 wide, aspect kept; crop re-drawn
+    "synthia": dict(margin=1),  # :254-262: native 1280x760; corner randint(0, H - crop)
+    "cityscapes": dict(margin=51),  # :420-427: native 2048x1024; corner randint(0, H - 50 - crop)
+}
+CROP_DRAWS = 100  # the official GTA5 loop re-draws without limit; a frame with no labelled pixel would hang it
+
+
+@dataclass
+class LoaderTransform:
+    """One official training loader: resize to `size` (H, W), or to `width` with the aspect kept and the
+    height truncated (int(1280 / (w / h)), GTA5), Lanczos images and nearest labels; then a random crop that
+    never reaches the last `margin` rows and columns (np.random.randint excludes its upper bound) and, with
+    `labelled_crop`, is re-drawn until it holds a labelled pixel."""
+    size: Optional[tuple] = None
+    width: Optional[int] = None
+    crop: Optional[tuple] = None
+    margin: int = 0
+    labelled_crop: bool = False
+
+    def __call__(self, image, label, rng):
+        h, w = image.shape[:2]
+        size = self.size or ((int(self.width / (w / h)), self.width) if self.width else None)
+        if size is not None:
+            image, label = resize_pair(image, label, size, interpolation="lanczos")
+        if self.crop is None:
+            return image, label
+        ch, cw = (self.crop[0], self.crop[0]) if len(self.crop) == 1 else self.crop
+        h, w = image.shape[:2]
+        h, w = h - min(self.margin, max(h - ch, 0)), w - min(self.margin, max(w - cw, 0))
+        image, label = image[:h, :w], (label[:h, :w] if label is not None else None)
+        for _ in range(CROP_DRAWS if self.labelled_crop and label is not None else 1):
+            crop_image, crop_label = random_crop(image, label, (ch, cw), rng)
+            if crop_label is None or (crop_label != 255).any():
+                break
+        return crop_image, crop_label
+
+
+def train_transform(domain, size, crop):
+    """The official loader of `domain` (OFFICIAL_LOADERS; other domains: native size, plain crop), at an
+    explicit `size` (H, W) instead of its own when one is given."""
+    loader = OFFICIAL_LOADERS.get(domain, {})
+    return LoaderTransform(size=tuple(size) if size else None, width=None if size else loader.get("width"),
+                           crop=tuple(crop) if crop else None, margin=loader.get("margin", 0),
+                           labelled_crop=loader.get("labelled_crop", False))
+
+
+def in_official_train_list(domain, frame_id):
+    """Whether frame `frame_id` (its file number) is in LSD-seg's source train list (data/filelist/
+    GTA5_imagelist_train.txt: 00001-23999 without 15188, 17705, 20801-20860, 23,937 frames; the val list is
+    24000-24966. SYNTHIA_imagelist_train.txt: 0000000-0009299, 9,300 frames; val 9300-9399)."""
+    if domain == "gta":
+        return 1 <= frame_id <= 23999 and frame_id not in (15188, 17705) and not 20801 <= frame_id <= 20860
+    if domain == "synthia":
+        return 0 <= frame_id <= 9299
+    return True
+
+
+def official_source_list(split, holdout):
+    """The source train split restricted to the official train list (GTA5, SYNTHIA) when `holdout`."""
+    if not holdout or split.name not in ("gta", "synthia"):
+        return split
+    keep = [i for i in range(len(split)) if in_official_train_list(split.name, int(split.item_name(i)))]
+    if not keep:
+        raise UserError(f"none of the {len(split)} {split.name} frames is in LSD-seg's train list "
+                        f"(--no-source-val-holdout trains on all)")
+    return dataclasses.replace(split, images=[split.images[i] for i in keep], labels=[split.labels[i] for i in keep])
+
+
+def epoch_iterations(n_source, n_target, batch_size):
+    """Iterations of one official epoch: the shorter of the zipped source and target loaders, in batches
+    (trainer_LSD.py:181-195, 354; DataLoader keeps a last partial batch)."""
+    return min(math.ceil(n_source / batch_size), math.ceil(n_target / batch_size))
+
+
+def predict_nearest(model, to_input, images, size):
+    """The official evaluation (eval_cityscapes.py:90-137): each uint8 image Lanczos-resized to `size`
+    (segmentation_datasets.py:429), the argmax taken there (fp32) and the label map nearest-resized with PIL
+    back to the image's size, the label size (eval_cityscapes.py:69-77). Returned one-hot: the evaluator's
+    bilinear resize to the label size is then the identity, and its argmax this map."""
+    small = torch.from_numpy(np.stack([resize_image(im.permute(1, 2, 0).cpu().numpy(), size, "lanczos")
+                                       for im in images])).permute(0, 3, 1, 2)
+    scores = model(to_input(small))[1].float()
+    preds = scores.argmax(1).to("cpu", torch.uint8).numpy()
+    full = torch.from_numpy(np.stack([resize_label(p, images.shape[-2:]) for p in preds])).to(images.device)
+    one_hot = torch.zeros(len(images), scores.shape[1], *images.shape[-2:], device=images.device)
+    return one_hot.scatter_(1, full[:, None].long(), 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------
 # ALGO LOGIC: LSD-seg losses (header: each D-map CE enters the objectives x cells/pixels, each L1 x 1/pixels)
 SRC_REAL, SRC_FAKE, TGT_REAL, TGT_FAKE = 0, 1, 2, 3  # D's out_s classes (official order)
 
@@ -467,6 +599,22 @@ def f_adversarial(disc, fake_s, fake_t, labels_s, adv_weight, c_weight):
     s_fake_t, _ = disc(fake_t)
     parts = {"adv_main": map_ce(s_fake_s, TGT_REAL) + map_ce(s_fake_t, SRC_REAL), "adv_cls": map_ce(c_fake_s, labels_s)}
     return cell_ratio(s_fake_s, fake_s) * (adv_weight * parts["adv_main"] + c_weight * parts["adv_cls"]), parts
+
+
+def refuse_inert_flags(args):
+    """Every flag acts: a flag the user typed that this configuration ignores is an error."""
+    inert = {}
+    if args.poly_power == 0:
+        inert["poly_horizon"] = "--poly-power 0 keeps F's schedule constant"
+    if not (args.adv_weight or args.c_weight):
+        inert.update(dict.fromkeys(("gan_width", "lr_gan", "beta1_gan", "g_adv_weight", "l1_weight"),
+                                   "--adv-weight 0 --c-weight 0 skip G and D"))
+    if args.source not in ("gta", "synthia"):
+        inert["source_val_holdout"] = "only GTA5 and SYNTHIA have official source train lists"
+    for name in sorted(inert.keys() & getattr(args, "given", frozenset())):
+        raise UserError(f"--{name.replace('_', '-')} has no effect here: {inert[name]}")
+    if args.lr_step_epochs < 0:
+        raise UserError(f"--lr-step-epochs must be 0 (never) or positive, got {args.lr_step_epochs}")
 
 
 def train_only(trainable, name):
@@ -558,6 +706,7 @@ def main():
     ckpt_path = resume_path(args.resume, out_dir)
 
     # ALGO LOGIC: networks and optimisers
+    refuse_inert_flags(args)
     model = FCN8s(args.backbone, num_classes)
     norm = load_init(model, args.init, args.backbone) if not (ckpt_path or args.eval_only or args.dry_run) else None
     model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
@@ -608,13 +757,19 @@ def main():
     target_val = domain_split(args.target, "val", args.data_root)
     eval_size = args.eval_size or args.target_size or target_val.paper_size
 
+    nearest = args.eval_upsample == "nearest"  # the official protocol: predict resizes the full image itself
+
+    def predict(images):
+        return predict_nearest(model, to_input, images, eval_size) if nearest else model(to_input(images))[1]
+
     def evaluate_model(final=False):
         model.eval()
         with torch.no_grad(), rt.autocast():
-            summary = evaluate_target(lambda x: model(to_input(x))[1], target_val, rt, align_corners=True, log=log,
+            summary = evaluate_target(predict, target_val, rt, align_corners=True, log=log,
                                       num_predictions=args.num_predictions if final else 0, limit=args.eval_limit,
-                                      eval_size=eval_size, pred_map=pred_map,
-                                      synthia_protocols=args.source == "synthia" and len(eval_classes) == 19)
+                                      eval_size=None if nearest else eval_size, pred_map=pred_map,
+                                      synthia_protocols=args.source == "synthia" and len(eval_classes) == 19,
+                                      interpolation="lanczos")
         model.train()
         return summary
 
@@ -633,18 +788,20 @@ def main():
                 "gen": gen.state_dict(), "disc": disc.state_dict(),
                 "optimizer_g": optimizer_g.state_dict(), "optimizer_d": optimizer_d.state_dict()})
 
-    # ALGO LOGIC: data
-    source_train = domain_split(args.source, "train", args.data_root, synthia_classes=args.synthia_classes)
-    source_transform = TrainTransform(size=args.source_size or source_train.paper_size, crop=args.crop_size)
+    # ALGO LOGIC: data (the official loaders and source train lists, header "Data")
+    source_train = official_source_list(domain_split(args.source, "train", args.data_root,
+                                                     synthia_classes=args.synthia_classes), args.source_val_holdout)
+    source_transform = train_transform(args.source, args.source_size, args.crop_size)
     per_rank_batch = args.batch_size // rt.world
     source_batches = train_loader(SegDataset(source_train, source_transform), per_rank_batch, args.seed, start_iter,
                                   rt.rank, rt.world, num_workers=args.num_workers, pin_memory=rt.device.type == "cuda")
     # the unlabelled target train split; its own sample stream (seed offset), distinct from every rank's source stream
     target_train = domain_split(args.target, "train", args.data_root, labelled=False)
-    target_transform = TrainTransform(size=args.target_size or target_train.paper_size, crop=args.crop_size)
+    target_transform = train_transform(args.target, args.target_size, args.crop_size)
     target_batches = train_loader(SegDataset(target_train, target_transform, with_label=False), per_rank_batch,
                                   args.seed + 100_003, start_iter, rt.rank, rt.world, num_workers=args.num_workers,
                                   pin_memory=rt.device.type == "cuda")
+    lr_step_every = args.lr_step_epochs * epoch_iterations(len(source_train), len(target_train), args.batch_size)
     train_model = model  # no DDP wrapper: each step's gradients are averaged by average_gradients
     nets = {"model": train_model, "gen": gen.train(), "disc": disc.train()}
     optimizers = {"model": optimizer, "gen": optimizer_g, "disc": optimizer_d}
@@ -659,8 +816,8 @@ def main():
         set_lr(optimizer, lr)
 
         # ALGO LOGIC: one iteration (D step, then G step, then F and C step; each changes only its own network)
-        if args.lr_step_every:  # official: F's lr x0.1 every 8 epochs (on top of a constant schedule)
-            lr = lr * 0.1 ** (it // args.lr_step_every)
+        if lr_step_every:  # official: F's lr x0.1 every 8 epochs (on top of a constant schedule)
+            lr = lr * 0.1 ** (it // lr_step_every)
             set_lr(optimizer, lr)
         images, labels, _ = next(source_batches)
         labels = labels.to(rt.device, non_blocking=True).long()

@@ -1,5 +1,7 @@
-"""lsdseg.py: the FCN-8s, G and D shapes, each loss on hand-made tensors, which network each of the three
-updates may change; then the script end to end (run folder, exact resume, eval-only, dry run, torchrun)."""
+"""lsdseg.py: the paper preset against the official recipe, the official loaders (resize, crop margins,
+source lists, epoch length) and evaluation protocol, the FCN-8s, G and D shapes, each loss on hand-made
+tensors, which network each of the three updates may change; then the script end to end (run folder, exact
+resume, eval-only, dry run, torchrun, the learning-rate step)."""
 import dataclasses
 import importlib
 import inspect
@@ -9,11 +11,14 @@ import os
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from common.checkpoint import load_checkpoint
-from common.cli import UserError, field_docs
+from common.cli import UserError, field_docs, parse_args
+from common.data import CITYSCAPES_CLASSES, DomainSplit
 from conftest import ROOT, run_script
 
 lsd = importlib.import_module("lsdseg")
@@ -51,10 +56,174 @@ def test_every_field_has_help_and_quick_mirrors_source_only():
     assert (lsd.Args().adv_weight, lsd.Args().c_weight, lsd.Args().g_adv_weight) == (0.1, 0.1, 0.1)
 
 
+# the paper preset, field by field, against the official code (swamiviv/LSD-seg e373e89, paths under code/)
+OFFICIAL = {
+    "source": "gta", "target": "cityscapes",  # the GTA5 -> Cityscapes row (train.py:46-53 swaps the loader)
+    "backbone": "vgg16",  # torchfcn/models/fcn8s_LSD.py FCN8s_LSD: VGG-16 FCN-8s
+    "iters": 100000,  # train.py:15 --num_iters
+    "batch_size": 1,  # train.py:14 --batchSize; the target loader has batch 1 (train.py:51-53)
+    "crop_size": [320, 640],  # train.py:43 image_size [640, 320] (W, H), random crops (segmentation_datasets.py)
+    "lr": 1e-5,  # train.py:17
+    "seed": 1337,  # train.py:37-39
+    "weight_decay": 0.0,  # train.py:97-104: Adam without weight decay (0.0005 is the SGD option's)
+    "bias_lr_mult": 2.0,  # train.py:101
+    "poly_power": 0.0,  # constant between the steps (trainer_LSD.py:354-359)
+    "lr_step_epochs": 8,  # trainer_LSD.py:358-359 with utils.py:70-80 (x0.1)
+    "lr_gan": 1e-4,  # train.py:109-110 (the paper says 2e-4; header)
+    "beta1_gan": 0.7,  # train.py:109-110
+    "gan_width": 64,  # fcn8s_LSD.py:206 ngf, :284 ndf
+    "adv_weight": 0.1, "c_weight": 0.1, "l1_weight": 1.0,  # train.py:25-27
+    "g_adv_weight": 0.1,  # trainer_LSD.py:273 (hard-coded)
+    "source_size": None,  # the official loader's: GTA5 1280 wide, aspect kept (segmentation_datasets.py:327-334)
+    "target_size": [1024, 2048],  # Cityscapes native (segmentation_datasets.py:420-427)
+    "eval_size": [320, 640],  # eval_cityscapes.py:90 image_size [640, 320]
+    "eval_upsample": "nearest",  # eval_cityscapes.py:134-137 argmax, then NEAREST to 2048x1024
+    "source_val_holdout": True,  # data/filelist/GTA5_imagelist_train.txt (23,937), SYNTHIA_..._train.txt (9,300)
+    "synthia_classes": 19,  # train.py:62 FCN8s_LSD(n_class=19) with the SYNTHIA loader
+    "num_workers": 4,  # train.py:44
+}
+DELIBERATE = {  # header, "Deviations"
+    "init": "imagenet",  # torchvision VGG-16; official: Caffe VGG-16 (train.py:76-77)
+    "normalization": "auto",  # ImageNet mean/std for it; official: Caffe BGR means
+    "amp": True,  # bf16 autocast on CUDA; official: fp32
+}
+RUN_CONTROL = {"data_root", "preset", "device", "eval_every", "checkpoint_every", "out", "resume", "eval_only",
+               "weights", "dry_run", "log_every", "torch_deterministic", "eval_limit", "num_predictions",
+               "poly_horizon"}  # poly_horizon: unused at poly power 0
+
+
+def test_paper_preset_is_the_official_recipe():
+    args = parse_args(lsd.Args, lsd.PRESETS, ["--preset", "paper"])
+    names = {f.name for f in dataclasses.fields(lsd.Args) if not f.metadata.get("runtime")}
+    assert names == OFFICIAL.keys() | DELIBERATE.keys() | RUN_CONTROL, "classify every new field above"
+    for name, value in {**OFFICIAL, **DELIBERATE}.items():
+        assert getattr(args, name) == value, name
+    # what the fields resolve to: GTA5 frames at 1280x703, then a 640x320 crop; Cityscapes native
+    gta = lsd.train_transform("gta", args.source_size, None)(np.zeros((1052, 1914, 3), np.uint8), None,
+                                                              np.random.default_rng(0))[0]
+    assert gta.shape == (703, 1280, 3)  # int(1280 / (1914 / 1052)), segmentation_datasets.py:327-329
+    crop = lsd.train_transform("cityscapes", args.target_size, args.crop_size)(
+        np.zeros((1024, 2048, 3), np.uint8), None, np.random.default_rng(0))[0]
+    assert crop.shape == (320, 640, 3)
+    # F's lr steps every 8 epochs of the 2,975 Cityscapes frames at batch 1: 23,800 iterations
+    assert args.lr_step_epochs * lsd.epoch_iterations(23937, 2975, args.batch_size) == 23800
+    assert args.lr_step_epochs * lsd.epoch_iterations(9300, 2975, args.batch_size) == 23800
+
+
 def test_shared_blocks_identical_to_source_only():
     so = importlib.import_module("source_only")
     for name in ("seg_loss", "poly_lr", "set_lr"):
         assert inspect.getsource(getattr(so, name)) == inspect.getsource(getattr(lsd, name)), name
+
+
+# ------------------------------------------------------------------------------------- official data and evaluation
+def test_official_source_lists():
+    gta = [i for i in range(1, 24967) if lsd.in_official_train_list("gta", i)]
+    assert len(gta) == 23937 and gta[0] == 1 and gta[-1] == 23999  # GTA5_imagelist_train.txt
+    assert {15188, 17705, *range(20801, 20861)}.isdisjoint(gta) and {15187, 20800, 20861} <= set(gta)
+    synthia = [i for i in range(9400) if lsd.in_official_train_list("synthia", i)]
+    assert synthia == list(range(9300))  # SYNTHIA_imagelist_train.txt
+    names = [f"/d/gta/images/{i:05d}.png" for i in range(1, 24967)]
+    split = DomainSplit("gta", "train", CITYSCAPES_CLASSES, names, [n.replace("images", "labels") for n in names])
+    kept = lsd.official_source_list(split, holdout=True)
+    assert len(kept) == 23937 and kept.labels[0] == "/d/gta/labels/00001.png" and kept.item_name(23936) == "23999"
+    assert len(lsd.official_source_list(split, holdout=False)) == 24966
+    synthia_split = DomainSplit("synthia", "train", CITYSCAPES_CLASSES, [f"{i:07d}.png" for i in range(9400)],
+                                [f"{i:07d}.png" for i in range(9400)])
+    assert len(lsd.official_source_list(synthia_split, holdout=True)) == 9300
+    toy = DomainSplit("toy-synth", "train", ["a"], ["x"], ["x"])
+    assert lsd.official_source_list(toy, holdout=True) is toy
+    with pytest.raises(UserError, match="none of the 2 gta frames"):
+        lsd.official_source_list(dataclasses.replace(split, images=names[-2:], labels=names[-2:]), holdout=True)
+
+
+def test_epoch_iterations():
+    # trainer_LSD.py: an epoch zips both loaders, so it is the shorter one, partial last batch included
+    assert lsd.epoch_iterations(23937, 2975, 1) == lsd.epoch_iterations(9300, 2975, 1) == 2975
+    assert lsd.epoch_iterations(23937, 2975, 4) == 744 and lsd.epoch_iterations(3, 10, 2) == 2
+
+
+def position_image(h, w):
+    """An image whose red and green channels hold each pixel's row and column."""
+    image = np.zeros((h, w, 3), np.uint8)
+    image[..., 0], image[..., 1] = np.arange(h)[:, None], np.arange(w)[None, :]
+    return image
+
+
+def test_loader_crops_keep_the_official_margins():
+    corners = {}
+    for domain in ("cityscapes", "synthia", "toy-real"):
+        transform = lsd.train_transform(domain, None, [20, 40])
+        draws = [transform(position_image(100, 200), None, np.random.default_rng(s))[0] for s in range(2000)]
+        assert all(d.shape == (20, 40, 3) for d in draws)
+        corners[domain] = (max(int(d[0, 0, 0]) for d in draws), max(int(d[0, 0, 1]) for d in draws))
+    # np.random.randint(0, H - crop - 50) excludes its bound: corners 0 .. H - crop - 51 (segmentation_datasets.py:424)
+    assert corners["cityscapes"] == (100 - 20 - 51, 200 - 40 - 51)
+    assert corners["synthia"] == (100 - 20 - 1, 200 - 40 - 1)  # randint(0, H - crop): 0 .. H - crop - 1 (:258)
+    assert corners["toy-real"] == (100 - 20, 200 - 40)  # no official loader: every position
+    # a frame barely larger than the crop keeps at least one position
+    assert lsd.train_transform("cityscapes", None, [20, 40])(position_image(21, 41), None,
+                                                            np.random.default_rng(0))[0].shape == (20, 40, 3)
+
+
+def test_gta_loader_redraws_unlabelled_crops_and_resizes_with_lanczos():
+    label = np.full((100, 200), 255, np.uint8)
+    label[:30, :60] = 3  # only the top-left corner is labelled
+    image = position_image(100, 200)
+    gta = lsd.train_transform("gta", [100, 200], [20, 40])  # explicit size = the frame's: no resize
+    synthia = lsd.train_transform("synthia", None, [20, 40])
+    assert all((gta(image, label, np.random.default_rng(s))[1] != 255).any() for s in range(200))
+    assert not all((synthia(image, label, np.random.default_rng(s))[1] != 255).any() for s in range(200))
+    # images Lanczos (PIL), labels nearest
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 80, 3), dtype=np.uint8)
+    label = rng.integers(0, 5, (40, 80), dtype=np.uint8)
+    small_image, small_label = lsd.train_transform("toy-synth", [20, 30], None)(image, label, rng)
+    assert np.array_equal(small_image, np.asarray(Image.fromarray(image).resize((30, 20), Image.LANCZOS)))
+    assert np.array_equal(small_label, np.asarray(Image.fromarray(label).resize((30, 20), Image.NEAREST)))
+
+
+def test_predict_nearest_is_the_official_evaluation():
+    torch.manual_seed(0)
+    score = torch.nn.Conv2d(3, 5, 3, padding=1)
+    model = lambda x: (None, score(x))  # noqa: E731  (F's interface: (embedding, scores))
+    to_input = lambda x: x.float() / 255  # noqa: E731
+    images = torch.randint(0, 256, (2, 3, 40, 80), dtype=torch.uint8)
+    with torch.no_grad():
+        out = lsd.predict_nearest(model, to_input, images, (16, 32))
+        expected, bilinear = [], []
+        for im in images:  # eval_cityscapes.py: Lanczos to 640x320, argmax, PIL NEAREST to the label size
+            small = torch.from_numpy(np.array(Image.fromarray(im.permute(1, 2, 0).numpy()).resize((32, 16),
+                                                                                                  Image.LANCZOS)))
+            scores = score(to_input(small.permute(2, 0, 1)[None]))
+            pred = Image.fromarray(scores.argmax(1)[0].byte().numpy()).resize((80, 40), Image.NEAREST)
+            expected.append(torch.from_numpy(np.array(pred)).long())
+            bilinear.append(torch.nn.functional.interpolate(scores, size=(40, 80), mode="bilinear",
+                                                            align_corners=True).argmax(1)[0])
+    expected = torch.stack(expected)
+    assert out.shape == (2, 5, 40, 80) and torch.equal(out.sum(1), torch.ones(2, 40, 80))
+    assert torch.equal(out.argmax(1), expected)
+    # common/metrics.py's evaluate resizes the scores bilinearly to the label size: a no-op on this map
+    resized = torch.nn.functional.interpolate(out, size=(40, 80), mode="bilinear", align_corners=True)
+    assert torch.equal(resized.argmax(1), expected)
+    assert not torch.equal(torch.stack(bilinear), expected)  # the protocol changes the prediction
+
+
+def test_inert_flags_are_refused():
+    def check(*argv):
+        lsd.refuse_inert_flags(parse_args(lsd.Args, lsd.PRESETS, list(argv)))
+
+    check("--preset", "quick", "--poly-horizon", "5")  # quick has poly power 0.9: acts
+    check("--adv-weight", "0", "--c-weight", "0")
+    check("--source", "synthia", "--no-source-val-holdout")
+    with pytest.raises(UserError, match="--poly-horizon has no effect here: --poly-power 0"):
+        check("--poly-horizon", "5")
+    with pytest.raises(UserError, match="--l1-weight has no effect here: --adv-weight 0 --c-weight 0 skip G and D"):
+        check("--adv-weight", "0", "--c-weight", "0", "--l1-weight", "2")
+    with pytest.raises(UserError, match="--source-val-holdout has no effect here: only GTA5 and SYNTHIA"):
+        check("--preset", "quick", "--no-source-val-holdout")
+    with pytest.raises(UserError, match="--lr-step-epochs must be 0"):
+        check("--lr-step-epochs", "-1")
 
 
 # ------------------------------------------------------------------------------------------------------ networks
@@ -254,6 +423,9 @@ def test_grad_ratio_probe(straight):
              if line.startswith("adaptation gradient norm")]
     assert seg > 0 and math.isfinite(seg) and len(norms) == 3 and norms[0] > 0
     assert norms[1] == pytest.approx(10 * norms[0], rel=2e-3) and norms[2] == pytest.approx(100 * norms[0], rel=2e-3)
+    g_d = float(result.stdout.split("G's D-term gradient norm (class head + 0.1 real/fake): ")[1].split()[0])
+    g_l1, share = result.stdout.split("G's L1-term gradient norm (l1_weight 1.0): ")[1].split()[:2]
+    assert g_d > 0 and float(g_l1) > 0 and 0 < float(share.strip("(")) < 1
 
 
 def test_resume_is_exact(straight, tmp_path):
@@ -271,9 +443,11 @@ def test_resume_is_exact(straight, tmp_path):
 
 
 def test_eval_only_and_foreign_checkpoint(straight, tmp_path):
-    out = str(tmp_path / "eval")
-    run("--eval-only", "--weights", os.path.join(straight, "checkpoints", "last.pt"), "--out", out)
-    assert json.load(open(os.path.join(out, "results.json")))["iters"] == 2
+    out = str(tmp_path / "eval")  # the official protocol (the quick preset evaluates bilinearly)
+    run("--eval-only", "--weights", os.path.join(straight, "checkpoints", "last.pt"), "--eval-upsample", "nearest",
+        "--out", out)
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert results["iters"] == 2 and 0 <= results["miou"] <= 100
     foreign = str(tmp_path / "foreign.pt")
     torch.save({"script": "source_only", "num_classes": 8}, foreign)
     with pytest.raises(UserError, match="written by source_only, not lsdseg"):  # what --resume/--eval-only call
@@ -288,6 +462,33 @@ def test_dry_run(tmp_path):
     assert config["params"]["gen"]["trainable"] == sum(p.numel() for p in gen.parameters())
     assert config["params"]["model"]["trainable"] < config["params"]["model"]["total"]  # fixed deconvolutions
     assert not os.path.exists(os.path.join(out, "metrics.jsonl"))
+
+
+def make_folder_dataset(root, n, h=40, w=80):
+    """A folder dataset (README layout) of n random train frames and one val frame, 3 classes."""
+    rng = np.random.default_rng(0)
+    os.makedirs(root)
+    with open(os.path.join(root, "classes.txt"), "w") as f:
+        f.write("a\nb\nc\n")
+    for split, count in (("train", n), ("val", 1)):
+        for kind in ("images", "labels"):
+            os.makedirs(os.path.join(root, kind, split))
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+                os.path.join(root, "images", split, f"{i}.png"))
+            Image.fromarray(rng.integers(0, 3, (h, w), dtype=np.uint8)).save(
+                os.path.join(root, "labels", split, f"{i}.png"))
+    return root
+
+
+def test_lr_steps_every_epochs_of_the_shorter_loader(tmp_path):
+    source = make_folder_dataset(str(tmp_path / "source"), 5)
+    target = make_folder_dataset(str(tmp_path / "target"), 3)
+    out = str(tmp_path / "steps")  # batch 2: an epoch is min(ceil(5 / 2), ceil(3 / 2)) = 2 iterations
+    run("--source", source, "--target", target, "--iters", 5, "--batch-size", 2, "--lr-step-epochs", 1,
+        "--poly-power", 0, "--lr", 1e-3, "--log-every", 1, "--crop-size", 24, 48, "--out", out)
+    lrs = [r["lr"] for r in metrics(out) if "seg_src" in r]
+    assert lrs == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4, 1e-5])
 
 
 def test_torchrun_two_processes(tmp_path):
