@@ -11,7 +11,7 @@ I = -P * log2(P + 1e-30) / log2(C) per channel, and Ent = mean over pixels of su
   `--entropy-top-fraction 0.3` is the paper's "MinEnt + ER" (43.1, GTA5): each entropy term is the mean over
   only the 30% highest-entropy pixels of each target image (ranked per image and per output, in fp32). The
   official code has no ER (its train_minent uses every pixel); the 30% top-entropy pixels and the +0.8 over
-  MinEnt are the paper's (Sec. 4.2; the sources we could read are listed in benchmarks/advent.md).
+  MinEnt are the paper's (read through the sources listed in benchmarks/advent.md).
 - `--mode advent` (default): AdaptSegNet's output-space adversarial training with the discriminators
   (FCDiscriminator, identical to adaptsegnet.py's) fed I instead of P: segmenter term
   0.001 BCE(D_main(I_t), 0) + 0.0002 BCE(D_aux(I_t,aux), 0); D loss 1/2 BCE(D(I_s), 0) + 1/2 BCE(D(I_t), 1)
@@ -41,7 +41,7 @@ MinEnt 38.1 / 44.2, AdvEnt 40.8 / 47.6, AdvEnt + MinEnt 41.2 / 48.0.
 Deviations from the official code:
 - Init: torchvision ImageNet (`--init PATH` loads the official DeepLab_resnet_pretrained_imagenet.pth).
 - We report the final checkpoint (results.json); the paper reports the best 2k snapshot on Cityscapes val.
-- ER: the paper does not say how the kept pixels are averaged; we take their mean (the term stays a
+- ER: none of our sources says how the kept pixels are averaged; we take their mean (the term stays a
   normalised entropy in [0, 1]; a sum over kept pixels divided by all pixels would weigh it 0.3x), rank the
   pixels of each image separately and apply the same fraction to the aux output's term.
 - Mixed precision: on CUDA the forward and backward passes run under bf16 autocast (fp16 with a GradScaler
