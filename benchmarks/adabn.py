@@ -56,7 +56,9 @@ NETWORKS = {
 }
 # arguments that the evaluation run sets itself, or that never change a result
 NOT_PASSED = {"out", "resume", "eval_only", "weights", "dry_run", "world_size", "rank"}
-NOT_CHECKED = NOT_PASSED | {"device", "num_workers", "data_root", "eval_limit"}
+# ... and the ones this tool may change; normalization is passed as the run resolved it ("auto" is not) and
+# checked against config.json's top-level "normalization"
+NOT_CHECKED = NOT_PASSED | {"device", "num_workers", "data_root", "eval_limit", "normalization"}
 
 
 def batch_norms(model):
@@ -197,7 +199,8 @@ def main(argv=None):
     save_checkpoint(weights, {"script": script, "num_classes": num_classes, "iter": ckpt["iter"],
                               "normalization": norm, "args": run_args,
                               "model": {k: v.cpu() for k, v in model.state_dict().items()}})
-    overrides = {"data_root": data_root, "device": a.device, "num_workers": num_workers}
+    # the run's input normalisation as resolved at training time ("auto" would be re-derived from the weights)
+    overrides = {"data_root": data_root, "device": a.device, "num_workers": num_workers, "normalization": norm}
     if a.eval_limit is not None:
         overrides["eval_limit"] = a.eval_limit
     cmd = [sys.executable, os.path.join(REPO, f"{script}.py"), *eval_flags(module, run_args, overrides),
@@ -209,6 +212,8 @@ def main(argv=None):
     config = read_json(os.path.join(out, "config.json"))
     results = read_json(os.path.join(out, "results.json"))
     differ = arguments_differ(run_args, config["args"])
+    if config.get("normalization") != norm:
+        differ.insert(0, f"normalization={config.get('normalization')!r} (run: {norm!r})")
     if differ:
         raise UserError(f"{script}.py evaluated with other arguments than the run's: {', '.join(differ[:4])}")
     source_results = read_json(os.path.join(run_dir, "results.json"), missing_ok=True)

@@ -1,8 +1,10 @@
-"""Side-by-side comparison: run every method script (plus source-only and a target-trained oracle) for
-several seeds, then write one table, one bar chart and one prediction grid.
+"""Side-by-side comparison: run every method script, its controls (source-only, AdaBN, the method's own
+network trained on source only) and a target-trained oracle for several seeds on one or more domain pairs,
+then write tables, a bar chart and a prediction grid per pair.
 
     python benchmarks/compare.py                                  # --preset quick on the toy pair, seed 0
     python benchmarks/compare.py --seeds 0 1 2 --jobs 2           # 3 seeds, two runs at a time
+    python benchmarks/compare.py --pairs toy-synth:toy-real toy2-synth:toy2-real --seeds 0 1 2 --jobs 2
     python benchmarks/compare.py --source gta --target cityscapes --preset paper --methods source_only,advent
     python benchmarks/compare.py --report-only --update-benchmarks   # aggregate what exists, run nothing
 
@@ -13,10 +15,26 @@ this tool would run: the resolved arguments of the script's own `--dry-run` for 
 out, resume, num_workers, which do not change results). Finished runs are never rerun; a run with
 checkpoints/last.pt but no results.json is resumed (`--resume auto`); a folder whose files changed in the
 last `--busy-minutes` is assumed to be training in another process and left alone; a finished run whose
-config disagrees is reported and left alone unless `--overwrite`.
+config disagrees is reported and left alone unless `--overwrite`. A run whose dependency is (re)run is
+rerun after it.
 
-Report (`--out`, default benchmarks/compare/): table.md (mIoU mean ± std over seeds, gain over
-source-only, wall time, training step time relative to source_only.py, per-class IoU), miou.png (bars
+Controls. Every method is compared with the strongest of the controls that apply to it: source_only.py
+(the same seeds, its quick budget), source_only+adabn (that model with its BatchNorm statistics
+re-estimated on target train frames by benchmarks/adabn.py, the AdaBN baseline: what target frames through
+train-mode BN give for free) and, for the scripts whose network is not source_only.py's DeepLab-v2, the same
+script with its adaptation switched off at the method's own budget and seeds (fcn_wild_source_only:
+`--no-global-alignment --no-category-alignment`; lsdseg_source_only: `--adv-weight 0 --c-weight 0`;
+daformer_source_only: `--source-only`, also with AdaBN, as its decode head has BN). Selecting a method
+selects its controls.
+- Strongest control: the highest mean mIoU over the seeds it shares with the method.
+- Gain: the mean over those seeds of (method - control) at the same seed; ± the standard deviation of
+  that per-seed difference (n-1).
+- Beats: gain > that standard deviation (undecided with fewer than 2 shared seeds). With several pairs, a
+  combined table says whether each method beats its strongest control on at least one pair.
+
+Report (`--out`, default benchmarks/compare/; with several pairs one sub-folder per pair plus a combined
+table.md and summary.json): table.md (mIoU mean ± std over seeds, gain over source-only and over the
+strongest control, wall time, training step time relative to source_only.py, per-class IoU), miou.png (bars
 with ± std error bars), grid.png (the same target-val images: image | ground truth | each method's
 prediction), summary.json (every number). Pictures are drawn with Pillow only.
 - Step time: per run, the median over logging intervals of seconds per iteration from metrics.jsonl,
@@ -50,30 +68,41 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @dataclass
 class Method:
     name: str  # the run folder name and the table row
-    script: str  # file in the repository root
+    script: str  # file in the repository root (or ADABN)
     args: list = field(default_factory=list)  # added after the shared flags; {target}, {dep[name]} are filled in
     depends_on: tuple = ()  # methods whose run (same seed) must have finished first
+    role: str = "method"  # method: judged against its controls; control: a baseline; reference: the oracle
+    same_network: tuple = ()  # controls with this method's own network, beside SHARED_CONTROLS
 
 
+ADABN = "benchmarks/adabn.py"  # a control made from another run's checkpoint: no training, no shared flags
 # ----------------------------------------------------------------------------------------------------
 # The methods, in table order. Edit this table to add a method.
 METHODS = [
-    Method("source_only", "source_only.py"),
-    Method("oracle", "source_only.py", ["--source", "{target}"]),  # trained on the target's labels
-    Method("fcn_wild", "fcn_wild.py"),
+    Method("source_only", "source_only.py", role="control"),
+    Method("source_only+adabn", ADABN, ["{dep[source_only]}"], ("source_only",), role="control"),
+    Method("oracle", "source_only.py", ["--source", "{target}"], role="reference"),  # trained on the target's labels
+    Method("fcn_wild_source_only", "fcn_wild.py", ["--no-global-alignment", "--no-category-alignment"],
+           role="control"),
+    Method("fcn_wild", "fcn_wild.py", same_network=("fcn_wild_source_only",)),
     Method("adaptsegnet", "adaptsegnet.py"),
     Method("advent", "advent.py", ["--mode", "advent"]),
     Method("advent_minent", "advent.py", ["--mode", "minent"]),
     Method("advent_ensemble", "advent.py",  # test-time ensemble of the two runs above: evaluation only
            ["--mode", "advent", "--eval-only", "--weights", "{dep[advent]}/checkpoints/last.pt",
             "--weights", "{dep[advent_minent]}/checkpoints/last.pt"], ("advent", "advent_minent")),
-    Method("lsdseg", "lsdseg.py"),
+    Method("lsdseg_source_only", "lsdseg.py", ["--adv-weight", "0", "--c-weight", "0"], role="control"),
+    Method("lsdseg", "lsdseg.py", same_network=("lsdseg_source_only",)),
     Method("bdl", "bdl.py"),
     Method("proda", "proda.py"),
     Method("self_regulation", "self_regulation.py"),
-    Method("daformer", "daformer.py"),
+    Method("daformer_source_only", "daformer.py", ["--source-only"], role="control"),
+    Method("daformer_source_only+adabn", ADABN, ["{dep[daformer_source_only]}"], ("daformer_source_only",),
+           role="control"),
+    Method("daformer", "daformer.py", same_network=("daformer_source_only", "daformer_source_only+adabn")),
 ]
 BASELINE = "source_only"
+SHARED_CONTROLS = ("source_only", "source_only+adabn")  # controls of every method
 # arguments that do not change a run's result: a run made with other values still counts as finished
 NOT_COMPARED = {"out", "resume", "num_workers", "dry_run", "eval_only", "weights", "world_size", "rank"}
 GRID_HEADER, GRID_GAP = 18, 2  # grid.png: title row height and the gap between panels (pixels)
@@ -94,9 +123,17 @@ def run_dir(args, name, seed):
     return os.path.join(run_root(args), name, f"seed{seed}")
 
 
+def controls_of(method):
+    """The controls a method is judged against (none for controls and the reference)."""
+    return SHARED_CONTROLS + method.same_network if method.role == "method" else ()
+
+
 def command(args, method, seed):
     """The argument list (after `python`) of one run."""
     deps = {dep: run_dir(args, dep, seed) for dep in method.depends_on}
+    if method.script == ADABN:
+        return [os.path.join(REPO, ADABN), *(a.format(dep=deps) for a in method.args),
+                "--batches", str(args.adabn_batches), "--out", run_dir(args, method.name, seed)]
     argv = [os.path.join(REPO, method.script), "--preset", args.preset, "--source", args.source,
             "--target", args.target, "--seed", str(seed)]
     if args.iters:
@@ -213,6 +250,21 @@ def newest_change(folder):
     return max(times, default=0.0)
 
 
+def adabn_disagrees(args, method, seed, results):
+    """Why a finished AdaBN folder does not belong to its source run's checkpoint or to --adabn-batches
+    (None if it does)."""
+    from adabn import sha256_of  # imports torch: only when there is an AdaBN folder to check
+    record = (results or {}).get("adabn") or {}
+    source = os.path.join(run_dir(args, method.depends_on[0], seed), "checkpoints", "last.pt")
+    if not os.path.isfile(source):
+        return f"its source run {method.depends_on[0]} has no checkpoints/last.pt"
+    if record.get("source_sha256") != sha256_of(source):
+        return f"made from another checkpoint than {method.depends_on[0]}'s current one"
+    if record.get("batches") != args.adabn_batches:
+        return f"batches={record.get('batches')!r} (expected {args.adabn_batches})"
+    return None
+
+
 def classify(args, method, seed, expected):
     """(state, detail) of one run folder: fresh, busy, mismatch, finished, resume or stale."""
     folder = run_dir(args, method.name, seed)
@@ -222,6 +274,11 @@ def classify(args, method, seed, expected):
     age = time.time() - newest_change(folder)
     if not finished and age < args.busy_minutes * 60:  # checked first: never touch a run in progress
         return "busy", f"files changed {age:.0f} s ago: another process seems to be training it"
+    if method.script == ADABN:  # evaluation only: checked against its source checkpoint, never resumed
+        if not finished:
+            return "stale", "no results.json"
+        bad = adabn_disagrees(args, method, seed, read_json(os.path.join(folder, "results.json")))
+        return ("mismatch", bad) if bad else ("finished", "")
     config, note = read_json(os.path.join(folder, "config.json")), None
     if config is not None:
         want, note = expected(method, seed)
@@ -241,50 +298,58 @@ def classify(args, method, seed, expected):
 # Running
 def plan(args, methods, expected):
     """{(name, seed): (state, detail)} for every selected run whose script exists."""
-    existing = [m for m in methods
-                if any(os.path.isfile(os.path.join(run_dir(args, m.name, seed), "config.json")) for seed in args.seeds)]
+    existing = [m for m in methods if m.script != ADABN and any(
+        os.path.isfile(os.path.join(run_dir(args, m.name, seed), "config.json")) for seed in args.seeds)]
     expected.prefetch(existing)  # dry runs in parallel, only for methods with run folders to check
     return {(m.name, seed): classify(args, m, seed, expected) for seed in args.seeds for m in methods}
 
 
-def run_all(args, methods, states):
-    """Start every unfinished run, at most args.jobs at a time, dependencies first; update `states`.
-    Returns the failures, one line each."""
+def run_all(args, plans):
+    """Start every unfinished run of every pair, at most args.jobs at a time, dependencies first.
+    plans: [(pair_args, methods, states)]; each `states` is updated. Returns each pair's failures, one line each."""
     env = child_env(args.jobs)
-    todo = []
-    for seed in args.seeds:
-        for m in methods:
-            state, detail = states[m.name, seed]
-            folder = run_dir(args, m.name, seed)
-            if state == "finished":
-                print(f"skipped {m.name} seed{seed}: finished run in {folder} {detail}".rstrip())
-            elif state == "busy" or (state == "mismatch" and not args.overwrite):
-                print(f"skipped {m.name} seed{seed}: {detail} ({folder}"
-                      f"{'; --overwrite replaces it' if state == 'mismatch' else ''})")
-            else:
-                if state in ("mismatch", "stale"):  # nothing to resume from: start afresh in an empty folder
-                    shutil.rmtree(folder)
-                todo.append((m, seed, state == "resume"))
-                states[m.name, seed] = ("pending", "")
-    failed, running = [], []
-    log_dir = os.path.join(run_root(args), "logs")
+    todo = []  # (pair index, method, seed, resume)
+    for p, (pa, methods, states) in enumerate(plans):
+        for seed in pa.seeds:
+            rerun = set()  # runs of this seed that start afresh or resume: their dependents are stale
+            for m in methods:
+                state, detail = states[m.name, seed]
+                folder = run_dir(pa, m.name, seed)
+                stale_deps = [d for d in m.depends_on if d in rerun]
+                if stale_deps and state in ("finished", "mismatch", "stale"):
+                    print(f"rerunning {m.name} seed{seed}: {', '.join(stale_deps)} is run again")
+                    state = "stale"
+                if state == "finished":
+                    print(f"skipped {m.name} seed{seed}: finished run in {folder} {detail}".rstrip())
+                elif state == "busy" or (state == "mismatch" and not args.overwrite):
+                    print(f"skipped {m.name} seed{seed}: {detail} ({folder}"
+                          f"{'; --overwrite replaces it' if state == 'mismatch' else ''})")
+                else:
+                    if state in ("mismatch", "stale") and os.path.isdir(folder):  # nothing to resume from
+                        shutil.rmtree(folder)
+                    todo.append((p, m, seed, state == "resume"))
+                    states[m.name, seed] = ("pending", "")
+                    rerun.add(m.name)
+    failed, running = [[] for _ in plans], []
     while todo or running:
         for item in list(todo):
-            m, seed, resume = item
+            p, m, seed, resume = item
+            pa, _, states = plans[p]
             deps = [states.get((d, seed), ("missing", ""))[0] for d in m.depends_on]
             if any(s not in ("finished", "ran", "pending", "running") for s in deps):
                 todo.remove(item)
                 states[m.name, seed] = ("failed", "")
-                failed.append(f"{m.name} seed{seed}: not run, a run it depends on ({', '.join(m.depends_on)}) "
-                              f"is missing or failed")
-                print("failed", failed[-1], flush=True)
+                failed[p].append(f"{m.name} seed{seed}: not run, a run it depends on ({', '.join(m.depends_on)}) "
+                                 f"is missing or failed")
+                print("failed", failed[p][-1], flush=True)
                 continue
             if any(s in ("pending", "running") for s in deps):
                 continue  # wait for the dependency
             if len(running) >= args.jobs:
                 break
             todo.remove(item)
-            argv = command(args, m, seed) + (["--resume", "auto"] if resume else [])
+            argv = command(pa, m, seed) + (["--resume", "auto"] if resume else [])
+            log_dir = os.path.join(run_root(pa), "logs")
             os.makedirs(log_dir, exist_ok=True)
             log_path = os.path.join(log_dir, f"{m.name}_seed{seed}.log")
             shown = " ".join(shlex.quote(os.path.relpath(a) if a.startswith(REPO) else a) for a in argv)
@@ -292,14 +357,15 @@ def run_all(args, methods, states):
             log_file = open(log_path, "a")
             proc = subprocess.Popen([sys.executable, *argv], stdout=log_file, stderr=subprocess.STDOUT, env=env)
             states[m.name, seed] = ("running", "")
-            running.append((m, seed, proc, log_file, log_path, time.time()))
+            running.append((p, m, seed, proc, log_file, log_path, time.time()))
         for entry in list(running):
-            m, seed, proc, log_file, log_path, start = entry
+            p, m, seed, proc, log_file, log_path, start = entry
             if proc.poll() is None:
                 continue
             running.remove(entry)
             log_file.close()
-            if proc.returncode == 0 and os.path.isfile(os.path.join(run_dir(args, m.name, seed), "results.json")):
+            pa, _, states = plans[p]
+            if proc.returncode == 0 and os.path.isfile(os.path.join(run_dir(pa, m.name, seed), "results.json")):
                 states[m.name, seed] = ("ran", "")
                 print(f"finished {m.name} seed{seed} in {time.time() - start:.0f} s", flush=True)
             else:
@@ -307,8 +373,8 @@ def run_all(args, methods, states):
                 with open(log_path) as f:
                     text = f.read().replace("\r", "\n")  # tqdm redraws its bar with carriage returns
                     tail = [line.strip() for line in text.splitlines() if line.strip()][-1:] or [""]
-                failed.append(f"{m.name} seed{seed}: exit {proc.returncode}: {tail[0][:200]} (log {log_path})")
-                print("failed", failed[-1], flush=True)
+                failed[p].append(f"{m.name} seed{seed}: exit {proc.returncode}: {tail[0][:200]} (log {log_path})")
+                print("failed", failed[p][-1], flush=True)
         if running or todo:
             time.sleep(0.5)
     return failed
@@ -350,15 +416,37 @@ def mean_std(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
+def strongest_control(entry, controls):
+    """Which of `controls` ({name: summary entry}) a method's `entry` is judged against, and by how much it
+    beats it: the control with the highest mean mIoU over the seeds it shares with the method; the gain is
+    the mean over those seeds of (method - control) at the same seed, its std the std of that per-seed
+    difference (n-1); beats = gain > std (None, undecided, with fewer than 2 shared seeds)."""
+    best = None
+    for name, control in controls.items():
+        seeds = sorted(set(entry["runs"]) & set(control["runs"]), key=int)
+        if seeds:
+            mean = statistics.fmean(control["runs"][s]["miou"] for s in seeds)
+            if best is None or mean > best[1]:
+                best = (name, mean, seeds)
+    if best is None:
+        return {"strongest_control": None, "control_miou": None, "gain_vs_control": None, "gain_std": None,
+                "gain_seeds": [], "beats": None}
+    name, mean, seeds = best
+    gain, std = mean_std([entry["runs"][s]["miou"] - controls[name]["runs"][s]["miou"] for s in seeds])
+    return {"strongest_control": name, "control_miou": mean, "gain_vs_control": gain, "gain_std": std,
+            "gain_seeds": [int(s) for s in seeds], "beats": None if std is None else gain > std}
+
+
 def collect(args, states, failures):
-    """summary.json's content: every finished run's numbers and each method's aggregate."""
+    """summary.json's content: every finished run's numbers, each method's aggregate and its verdict
+    against the strongest control."""
     summary = {"source": args.source, "target": args.target, "preset": args.preset, "iters": args.iters,
                "extra": args.extra, "seeds": args.seeds, "root": run_root(args), "methods": {}, "notes": []}
     for m in args.method_list:
         if not os.path.isfile(os.path.join(REPO, m.script)):
             summary["notes"].append(f"{m.name}: {m.script} is not in the repository yet")
             continue
-        entry = {"script": m.script, "runs": {}}
+        entry = {"script": m.script, "role": m.role, "runs": {}}
         for seed in args.seeds:
             folder = run_dir(args, m.name, seed)
             state, detail = states.get((m.name, seed), ("fresh", ""))  # a script may appear mid-run
@@ -389,6 +477,10 @@ def collect(args, states, failures):
         entry["gain"] = entry["miou_mean"] - base["miou_mean"] if base else None
         entry["step_relative"] = (entry["step_mean"] / base["step_mean"]
                                   if base and entry["step_mean"] and base.get("step_mean") else None)
+    for m in args.method_list:
+        if m.role == "method" and m.name in summary["methods"]:
+            controls = {c: summary["methods"][c] for c in controls_of(m) if c in summary["methods"]}
+            summary["methods"][m.name].update(strongest_control(summary["methods"][m.name], controls))
     summary["notes"] += failures
     return summary
 
@@ -401,26 +493,64 @@ def fmt(value, digits=2, signed=False):
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
+VERDICT_WORDS = {True: "yes", False: "no", None: "undecided"}
+
+
+def verdict(entry):
+    """yes / no / undecided (fewer than 2 seeds shared with the control) / no control run."""
+    if entry.get("strongest_control") is None:
+        return "no control run"
+    return VERDICT_WORDS[entry["beats"]] + (" (1 seed)" if entry["beats"] is None else "")
+
+
+def gain_text(entry):
+    text = fmt(entry["gain_vs_control"], signed=True)
+    if entry["gain_std"] is not None:
+        text += f" ± {fmt(entry['gain_std'])}"
+    if len(entry["gain_seeds"]) < len(entry["runs"]):  # the control lacks some of the method's seeds
+        text += f" (seeds {', '.join(map(str, entry['gain_seeds']))})"
+    return text
+
+
+CONTROL_FOOTNOTE = (
+    "Controls: source_only (`source_only.py`); source_only+adabn: that model with every BatchNorm's statistics "
+    "re-estimated on target train frames (AdaBN, `benchmarks/adabn.py`), what target frames through train-mode BN "
+    "give without any adaptation loss; `<script>_source_only`: the method's own network with its adaptation "
+    "switched off, at its budget and seeds (fcn_wild `--no-global-alignment --no-category-alignment`, lsdseg "
+    "`--adv-weight 0 --c-weight 0`, daformer `--source-only`, also with AdaBN). Strongest control: the control with "
+    "the highest "
+    "mean mIoU over the seeds it shares with the method (the mIoU in brackets). Gain: the mean over those seeds "
+    "of method − control at the same seed, ± the standard deviation of that per-seed difference (n−1). Beats: "
+    "gain > that standard deviation; undecided with one shared seed.")
+
+
 def markdown(summary, image_dir):
     """The report as Markdown; pictures are linked from image_dir (relative to the file it lands in)."""
     budget = f"--iters {summary['iters']}" if summary["iters"] else f"the {summary['preset']} preset's iterations"
     lines = [f"`{summary['source']}` → `{summary['target']}`, `--preset {summary['preset']}`, {budget}"
              + (f", extra flags `{summary['extra']}`" if summary["extra"] else "")
              + f"; seeds {', '.join(map(str, summary['seeds']))}. Generated by `benchmarks/compare.py`.", "",
-             "| method | script | seeds | mIoU (mean ± std) | vs source-only | wall (s) | s/iter | step time vs "
-             "source-only |", "|---|---|---|---|---|---|---|---|"]
+             "| method | script | seeds | mIoU (mean ± std) | vs source-only | strongest control (mIoU) | gain vs it "
+             "(± std) | beats it? | wall (s) | s/iter | step time vs source-only |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in summary["methods"].items():
         miou = fmt(e["miou_mean"]) + (f" ± {fmt(e['miou_std'])}" if e["miou_std"] is not None else "")
         startup = any(r["step_includes_startup"] for r in e["runs"].values())
         step = fmt(e["step_mean"], 3) + ("*" if startup else "")
+        relative = f"{fmt(e['step_relative'])}x" if e["step_relative"] is not None else "–"
+        if e.get("role", "method") != "method":
+            control, gain, beats = e.get("role", "–"), "–", "–"
+        elif e.get("strongest_control") is None:
+            control, gain, beats = "–", "–", verdict(e)
+        else:
+            control, gain, beats = f"{e['strongest_control']} ({fmt(e['control_miou'])})", gain_text(e), verdict(e)
         lines.append(f"| {name} | `{e['script']}` | {len(e['runs'])} | {miou} | {fmt(e['gain'], signed=True)} | "
-                     f"{fmt(e['wall_mean'], 0)} | {step} | {fmt(e['step_relative'])}x |"
-                     if e["step_relative"] is not None else
-                     f"| {name} | `{e['script']}` | {len(e['runs'])} | {miou} | {fmt(e['gain'], signed=True)} | "
-                     f"{fmt(e['wall_mean'], 0)} | {step} | – |")
-    lines += ["", "Step time: median seconds per training iteration from metrics.jsonl (first logging interval "
+                     f"{control} | {gain} | {beats} | {fmt(e['wall_mean'], 0)} | {step} | {relative} |")
+    lines += ["", CONTROL_FOOTNOTE, "",
+              "Step time: median seconds per training iteration from metrics.jsonl (first logging interval "
               "and evaluations left out; * = only the first interval was logged, start-up included). "
-              "Batch sizes differ between scripts. Wall: results.json `seconds`. Std: over seeds (n−1)."]
+              "Batch sizes differ between scripts. Wall: results.json `seconds` (AdaBN: re-estimation and "
+              "evaluation). Std: over seeds (n−1)."]
     classes = []
     for e in summary["methods"].values():
         classes += [c for c in e["per_class_mean"] if c not in classes]
@@ -433,6 +563,49 @@ def markdown(summary, image_dir):
               f"![image, ground truth and each method's prediction]({image_dir}/grid.png)"]
     if summary["notes"]:
         lines += ["", "Not in the table or worth knowing:", ""] + [f"- {n}" for n in summary["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def pair_verdicts(summaries):
+    """{method: {"pairs": [verdict entry or None per pair], "beats_any": True/False/None}} for every method
+    row: True if it beats its strongest control on at least one pair, False if it is decided and beats it on
+    none, None (undecided) otherwise."""
+    names = []
+    for summary in summaries:
+        names += [n for n, e in summary["methods"].items() if e.get("role") == "method" and n not in names]
+    verdicts = {}
+    for name in names:
+        entries = [summary["methods"].get(name) for summary in summaries]
+        decided = [e["beats"] for e in entries if e is not None and e.get("beats") is not None]
+        beats_any = True if any(decided) else (False if len(decided) == len(entries) else None)
+        verdicts[name] = {"pairs": [None if e is None else {k: e[k] for k in (
+            "strongest_control", "control_miou", "gain_vs_control", "gain_std", "gain_seeds", "beats")}
+            for e in entries], "beats_any": beats_any}
+    return verdicts
+
+
+def combined_markdown(summaries, image_dirs):
+    """Several pairs: the verdict table across pairs, then each pair's report."""
+    verdicts = pair_verdicts(summaries)
+    heads = [f"`{s['source']}` → `{s['target']}`" for s in summaries]
+    lines = ["Does each method beat its strongest control by more than one standard deviation of its per-seed "
+             "gain, on at least one pair? Each cell: gain ± std vs that control, and the verdict (definitions "
+             "under each pair's table). Generated by `benchmarks/compare.py`.", "",
+             "| method | " + " | ".join(heads) + " | beats the strongest control on at least one pair |",
+             "|---|" + "---|" * (len(heads) + 1)]
+    for name, v in verdicts.items():
+        cells = []
+        for summary in summaries:
+            e = summary["methods"].get(name)
+            if e is None:
+                cells.append("not run")
+            elif e.get("strongest_control") is None:
+                cells.append("no control run")
+            else:
+                cells.append(f"{gain_text(e)} vs {e['strongest_control']}: {verdict(e)}")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {VERDICT_WORDS[v['beats_any']]} |")
+    for head, summary, image_dir in zip(heads, summaries, image_dirs):
+        lines += ["", f"### {head}", "", markdown(summary, image_dir).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -457,7 +630,7 @@ def bar_chart(summary, path):
     """Horizontal bars of mIoU per method with ± std whiskers and a line at source-only."""
     entries = [(n, e) for n, e in summary["methods"].items()]
     font = ImageFont.load_default()
-    label_w, bar_w, row_h, top = 130, 480, 26, 40
+    label_w, bar_w, row_h, top = 180, 480, 26, 40  # label_w: the longest row name, 26 characters
     width, height = label_w + bar_w + 110, top + row_h * max(1, len(entries)) + 40
     top_value = max([e["miou_mean"] + (e["miou_std"] or 0) for _, e in entries] + [10])
     scale_max = min(100, 10 * int(top_value / 10 + 1))
@@ -472,7 +645,7 @@ def bar_chart(summary, path):
         draw.text((x_of(tick) - 6, bottom + 4), str(tick), fill="black", font=font)
     for i, (name, e) in enumerate(entries):
         y = top + i * row_h
-        colour = (150, 150, 150) if name in (BASELINE, "oracle") else (60, 110, 180)
+        colour = (150, 150, 150) if e.get("role") in ("control", "reference") else (60, 110, 180)
         draw.text((10, y + 7), name, fill="black", font=font)
         draw.rectangle([x_of(0), y + 4, x_of(e["miou_mean"]), y + row_h - 4], fill=colour)
         if e["miou_std"]:
@@ -563,14 +736,21 @@ def prediction_grid(summary, path, num_images=4, panel_width=256):
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="all",
-                   help=f"comma-separated names, or all (default): {', '.join(m.name for m in METHODS)}")
+                   help=f"comma-separated names, or all (default): {', '.join(m.name for m in METHODS)}; a "
+                        f"method's controls and dependencies are selected with it")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0; papers: 0 1 2)")
-    p.add_argument("--source", default="toy-synth", help="source domain or folder dataset (default toy-synth)")
-    p.add_argument("--target", default="toy-real", help="target domain or folder dataset (default toy-real)")
+    p.add_argument("--source", default=None, help="source domain or folder dataset (default toy-synth)")
+    p.add_argument("--target", default=None, help="target domain or folder dataset (default toy-real)")
+    p.add_argument("--pairs", nargs="+", default=None, metavar="SOURCE:TARGET",
+                   help="several domain pairs in one invocation (instead of --source/--target), e.g. "
+                        "toy-synth:toy-real toy2-synth:toy2-real: one report per pair plus a combined verdict")
     p.add_argument("--preset", default="quick", choices=["quick", "paper"], help="the scripts' --preset (quick)")
     p.add_argument("--iters", type=int, default=None,
                    help="override every script's --iters (the budget becomes part of the run root)")
-    p.add_argument("--extra", default="", help="more flags for every script, one string (e.g. \"--eval-limit 2\")")
+    p.add_argument("--extra", default="", help="more flags for every training script, one string "
+                                               "(e.g. \"--eval-limit 2\")")
+    p.add_argument("--adabn-batches", type=int, default=100,
+                   help="target train batches (of the source run's batch size) for the AdaBN controls (100)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time; each gets cores/jobs OMP threads (1)")
     p.add_argument("--runs-root", default=os.path.join(REPO, "runs", "compare"), help="default runs/compare")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "compare"), help="report folder")
@@ -583,15 +763,48 @@ def parse(argv=None):
                    help="an unfinished folder changed this recently belongs to a running process (10)")
     p.add_argument("--grid-images", type=int, default=4, help="target-val images in grid.png (4)")
     args = p.parse_args(argv)
+    if args.pairs and (args.source or args.target):
+        p.error("give either --pairs or --source/--target")
+    args.pair_list = []
+    for pair in args.pairs or [f"{args.source or 'toy-synth'}:{args.target or 'toy-real'}"]:
+        source, sep, target = pair.partition(":")
+        if not (sep and source and target) or ":" in target:
+            p.error(f"--pairs takes SOURCE:TARGET, got {pair!r}")
+        if (source, target) in args.pair_list:
+            p.error(f"--pairs names {pair} twice")
+        args.pair_list.append((source, target))
+    args.source, args.target = args.pair_list[0]
+    if args.adabn_batches < 1:
+        p.error("--adabn-batches must be at least 1")
     known = {m.name: m for m in METHODS}
     names = list(known) if args.methods == "all" else [n.strip() for n in args.methods.split(",") if n.strip()]
     unknown = [n for n in names if n not in known]
     if unknown:
         p.error(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    for n in list(names):  # dependencies run too, before their dependents
-        names[:0] = [d for d in known[n].depends_on if d not in names]
-    args.method_list = [m for m in METHODS if m.name in names]
+    wanted = set()
+    while names:  # each method's dependencies and controls (and theirs) run too
+        name = names.pop()
+        if name not in wanted:
+            wanted.add(name)
+            names += [*known[name].depends_on, *controls_of(known[name])]
+    args.method_list = [m for m in METHODS if m.name in wanted]  # table order: dependencies come first
     return args
+
+
+def pair_args(args, source, target):
+    """args for one domain pair (run folders, commands and the report use args.source/args.target)."""
+    return argparse.Namespace(**{**vars(args), "source": source, "target": target})
+
+
+def write_report(summary, out, grid_images):
+    """table.md, miou.png, grid.png and summary.json of one pair in `out`."""
+    os.makedirs(out, exist_ok=True)
+    bar_chart(summary, os.path.join(out, "miou.png"))
+    summary["notes"] += prediction_grid(summary, os.path.join(out, "grid.png"), grid_images)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(markdown(summary, "."))
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
 
 
 def main(argv=None):
@@ -602,26 +815,33 @@ def main(argv=None):
             methods.append(m)
         else:
             print(f"note: {m.name} skipped, {m.script} is not in the repository yet")
-    states = plan(args, methods, Expected(args))
-    failures = [] if args.report_only else run_all(args, methods, states)
-    summary = collect(args, states, failures)
-    os.makedirs(args.out, exist_ok=True)
-    bar_chart(summary, os.path.join(args.out, "miou.png"))
-    summary["notes"] += prediction_grid(summary, os.path.join(args.out, "grid.png"), args.grid_images)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(markdown(summary, "."))
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    print(f"report: {os.path.join(args.out, 'table.md')}, miou.png, grid.png, summary.json")
+    pairs = [pair_args(args, source, target) for source, target in args.pair_list]
+    plans = [(pa, methods, plan(pa, methods, Expected(pa))) for pa in pairs]
+    failures = [[] for _ in pairs] if args.report_only else run_all(args, plans)
+    summaries = [collect(pa, states, failed) for (pa, _, states), failed in zip(plans, failures)]
+    if len(pairs) == 1:
+        outs = [args.out]
+    else:  # one folder per pair, the combined verdict on top
+        outs = [os.path.join(args.out, f"{short(pa.source)}_{short(pa.target)}") for pa in pairs]
+    for summary, out in zip(summaries, outs):
+        write_report(summary, out, args.grid_images)
+    if len(pairs) > 1:
+        with open(os.path.join(args.out, "table.md"), "w") as f:
+            f.write(combined_markdown(summaries, [os.path.relpath(out, args.out) for out in outs]))
+        with open(os.path.join(args.out, "summary.json"), "w") as f:
+            json.dump({"pairs": summaries, "verdicts": pair_verdicts(summaries)}, f, indent=1)
+    print(f"report: {os.path.join(args.out, 'table.md')}" + (", miou.png, grid.png, summary.json" if len(pairs) == 1
+                                                              else f" and one folder per pair in {args.out}"))
     if args.update_benchmarks:
         for doc in ("BENCHMARKS.md", "README.md"):
             path = os.path.join(REPO, doc)
-            rel = os.path.relpath(args.out, os.path.dirname(path))
-            if update_marked(path, markdown(summary, rel)):
+            rels = [os.path.relpath(out, os.path.dirname(path)) for out in outs]
+            text = markdown(summaries[0], rels[0]) if len(pairs) == 1 else combined_markdown(summaries, rels)
+            if update_marked(path, text):
                 print(f"updated the compare section of {doc}")
             else:
                 print(f"note: {doc} has no {MARK_BEGIN} ... {MARK_END} markers; left untouched")
-    return 1 if failures else 0
+    return 1 if any(failures) else 0
 
 
 if __name__ == "__main__":
