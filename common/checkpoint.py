@@ -4,14 +4,25 @@ A checkpoint holds everything a script needs to continue as if never stopped: ne
 the GradScaler, the iteration, the RNG states (python, numpy, torch, CUDA), plus `script` and
 `num_classes` so a checkpoint from another script or class count is refused with a clear message.
 RNG states and arguments are stored as tensors, lists and plain dicts (weights_only forbids pickles).
+
+The authors' own files (released models, init files) are read here too, always with weights_only=True:
+`read_weights_file` admits numpy scalars (ProDA pickles its best mIoU as numpy.float64) through torch's
+safe-globals allow-list and nothing else; each script maps the keys to its own modules and
+`load_matching` copies them, so that every tensor of a network is either loaded or listed.
 """
 import os
 import random
+import sys
 
 import numpy as np
 import torch
+from numpy._core import multiarray as _np_multiarray
 
 from common.cli import UserError
+
+# numpy scalar types that released files carry in their pickles (old numpy names them numpy.core.*)
+NUMPY_SAFE_GLOBALS = [_np_multiarray.scalar, (_np_multiarray.scalar, "numpy.core.multiarray.scalar"), np.dtype,
+                      *{type(np.dtype(code)) for code in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "b1")}]
 
 
 def rng_state() -> dict:
@@ -97,3 +108,62 @@ def resume_path(resume, out_dir):
     if not os.path.isfile(resume):
         raise UserError(f"--resume {resume}: no such checkpoint file")
     return resume
+
+
+def read_weights_file(path, flag="--init"):
+    """torch.load(path, weights_only=True), numpy scalars admitted; a missing or unreadable file is one line."""
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: no such file")
+    try:
+        with torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or a pickle with objects beyond tensors and numbers
+        message = " ".join(str(e).split())
+        if "Unsupported global" in message:
+            message = message[message.index("Unsupported global"):].split(" was not")[0]
+        raise UserError(f"cannot load {flag} {path}: {message[:200]}") from None
+
+
+def _groups(names, depth=2) -> str:
+    """'head.convs.0.weight', 'head.convs.0.bias', ... -> 'head.convs.*' (a short list for one line)."""
+    seen = []
+    for name in names:
+        parts = name.split(".")
+        stem = ".".join(parts[:depth]) + ".*" if len(parts) > depth else name
+        if stem not in seen:
+            seen.append(stem)
+    return ", ".join(seen[:8]) + (f" and {len(seen) - 8} more" if len(seen) > 8 else "")
+
+
+def load_matching(module, state: dict, source: str, required=None, unused_ok=None, quiet=False) -> dict:
+    """Copy every tensor of `state` whose name and shape fit `module` (names already mapped to the module's).
+
+    A file saved by torch < 0.4.1 has no BN `num_batches_tracked`: those counters start at 0, as torch's own
+    loader does. Every other tensor of the module is either loaded or listed: `required(name)` true for a
+    module tensor that did not load is a UserError; the rest is printed in one line (kept at its current
+    value, e.g. a head at random init). File tensors that fit nothing are listed too, or refused where
+    `unused_ok(name)` is false (a file evaluated as it is must not hold a bigger network). Returns the counts.
+    """
+    own = module.state_dict()
+    fits = {k: v for k, v in state.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+    misshapen = [k for k in state if k in own and k not in fits]
+    missing = [k for k in own if k not in fits and not k.endswith("num_batches_tracked")]
+    unused = [k for k in state if k not in own]
+    fatal = [k for k in missing if required is not None and required(k)]
+    fatal += [k for k in unused if unused_ok is not None and not unused_ok(k)]
+    if fatal:
+        detail = f"; misshapen: {_groups(misshapen)}" if misshapen else ""
+        raise UserError(f"{source} does not fit this network: {len(fatal)} tensors missing, misshapen or left over "
+                        f"({_groups(fatal)}{detail}); pass the flags the file was made with")
+    module.load_state_dict(fits, strict=False)
+    for k in own:
+        if k.endswith("num_batches_tracked") and k not in fits:
+            module.state_dict()[k].zero_()
+    if not quiet:
+        parts = [f"loaded {len(fits)} of {len(own)} tensors from {source}"]
+        if missing:
+            parts.append(f"not in the file, kept as initialised: {_groups(missing)}")
+        if unused:
+            parts.append(f"in the file but not in this network: {_groups(unused)}")
+        print("; ".join(parts), file=sys.stderr if missing or unused else sys.stdout, flush=True)
+    return {"loaded": len(fits), "missing": missing, "unused": unused}

@@ -117,3 +117,22 @@ def guard(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def imply(args, implied: dict, source: str):
+    """Apply the flags a weights file implies (say, a release made with 2 ASPP branches and Caffe input):
+    a flag the user typed wins, with a warning when it contradicts the file; fields the script does not have
+    are skipped. Returns the applied {field: value} (for config.json and results.json)."""
+    applied = {}
+    for name, value in implied.items():
+        if not hasattr(args, name):
+            continue
+        if name in getattr(args, "given", ()):
+            if getattr(args, name) != value:
+                flag = "--" + name.replace("_", "-")
+                print(f"warning: {flag} {getattr(args, name)} contradicts {source}, which implies {value}; "
+                      f"using {getattr(args, name)} as asked", file=sys.stderr, flush=True)
+            continue
+        setattr(args, name, value)
+        applied[name] = value
+    return applied

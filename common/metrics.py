@@ -7,10 +7,12 @@ moved to the host once, at the end. SYNTHIA protocols (datasets.md section 11): 
 over the 16/13 entries of the 19-class IoU vector (protocol b); `miou16_true`/`miou13_true` drop the
 ground-truth rows of terrain, truck and train first (protocol a).
 """
+import os
+
 import torch
 import torch.nn.functional as F
 
-from common.data import TRAINIDS_13, TRAINIDS_16
+from common.data import CITYSCAPES_LABEL_IDS, TRAINIDS_13, TRAINIDS_16
 
 
 def update_confusion(confusion: torch.Tensor, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -86,18 +88,30 @@ def evaluate(predict, loader, num_classes, device, align_corners, pred_map=None,
 
 
 def evaluate_target(predict, val_split, runtime, align_corners, log=None, num_predictions=0, limit=None,
-                    num_workers=2, eval_size=None, pred_map=None, synthia_protocols=False, interpolation="bicubic"):
-    """Score `predict` on the target val split; rank 0 saves `num_predictions` PNGs. Returns the summary."""
+                    num_workers=2, eval_size=None, pred_map=None, synthia_protocols=False, interpolation="bicubic",
+                    save_dir=None):
+    """Score `predict` on the target val split; rank 0 saves `num_predictions` PNGs. Returns the summary.
+
+    save_dir: every rank writes its shard's predictions there, one PNG per image at label resolution,
+    named after the image; Cityscapes predictions hold Cityscapes label ids (the format the official
+    cityscapesScripts evaluation and the benchmark server read: it matches `<city>_<seq>_<frame>*.png`),
+    other domains their train ids.
+    """
     from common.data import SegDataset, eval_loader
-    from common.runlog import save_prediction
+    from common.runlog import save_label_png, save_prediction
     dataset = SegDataset(val_split, eval_size=eval_size, eval_interpolation=interpolation)
     loader = eval_loader(dataset, runtime.rank, runtime.world, num_workers, limit)
+    to_ids = torch.tensor(CITYSCAPES_LABEL_IDS, dtype=torch.uint8) if val_split.name == "cityscapes" else None
 
     def on_image(index, image, label, pred):
         if log is not None and runtime.is_main and index < num_predictions:
             save_prediction(log.path("predictions", f"{val_split.item_name(index)}.png"), image, label, pred,
                             val_split.classes)
+        if save_dir is not None:
+            ids = pred.to("cpu", torch.uint8)
+            save_label_png(os.path.join(save_dir, f"{val_split.item_name(index)}.png"),
+                           to_ids[ids.long()] if to_ids is not None else ids)
 
     confusion = evaluate(predict, loader, len(val_split.classes), runtime.device, align_corners, pred_map,
-                         on_image if num_predictions else None, runtime.world)
+                         on_image if num_predictions or save_dir else None, runtime.world)
     return summarize(confusion, val_split.classes, synthia_protocols)

@@ -156,3 +156,11 @@ def save_prediction(path, image: torch.Tensor, label: torch.Tensor, pred: torch.
         panels.append(colorize(label.cpu().numpy(), palette))
     panels.append(colorize(pred, palette))
     Image.fromarray(np.concatenate(panels, axis=1)).save(path)
+
+
+def save_label_png(path, ids: torch.Tensor):
+    """An 8-bit single-channel PNG of class/label ids (an HxW uint8 tensor), written atomically."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp.png"
+    Image.fromarray(ids.cpu().numpy().astype(np.uint8), mode="L").save(tmp)
+    os.replace(tmp, path)

@@ -1,4 +1,5 @@
 """source_only.py end to end: run folder, bad input, kill-and-resume, torchrun, the model itself."""
+import copy
 import json
 import os
 import shutil
@@ -10,8 +11,10 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+import released
 import source_only
 from common.cli import UserError
 from conftest import ROOT, run_script
@@ -91,7 +94,7 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     assert_one_line_error(run_script(*base[:-4], "--num-workers", "1", "--source", trunc, "--target", src,
                                      "--out", str(tmp_path / "r5")), "cannot read image", "im")
     assert_one_line_error(run_script(*base, "--eval-only", "--weights", str(tmp_path / "nope.pt"),
-                                     "--out", str(tmp_path / "r6")), "does not exist")
+                                     "--out", str(tmp_path / "r6")), "no such file")
 
 
 def test_foreign_checkpoints_are_refused(tmp_path):
@@ -103,15 +106,19 @@ def test_foreign_checkpoints_are_refused(tmp_path):
     torch.save({"script": "source_only", "num_classes": 19, "model": {}}, classes)
     assert_one_line_error(run_script(*QUICK, "--eval-only", "--weights", str(classes), "--out", str(tmp_path / "b")),
                           "19 classes, this run has 8")
-    multi = tmp_path / "multi.pt"  # trained with --multi-level, evaluated without it
-    torch.save({"script": "source_only", "num_classes": 8, "iter": 1, "normalization": "imagenet",
-                "model": source_only.DeepLabV2("resnet18", 8, multi_level=True).state_dict()}, multi)
-    assert_one_line_error(run_script(*QUICK, "--eval-only", "--weights", str(multi), "--out", str(tmp_path / "m")),
-                          "do not fit the network these flags build", "aux_head")
+    wide = tmp_path / "wide.pt"  # a resnet34 checkpoint evaluated as resnet18 (typed): shapes cannot fit
+    torch.save({"script": "source_only", "num_classes": 8, "iter": 1, "normalization": "imagenet", "args": {},
+                "model": source_only.DeepLabV2("resnet34", 8).state_dict()}, wide)
+    assert_one_line_error(run_script(*QUICK, "--eval-only", "--weights", str(wide), "--backbone", "resnet18",
+                                     "--out", str(tmp_path / "m")), "does not fit this network", "pass the flags")
     pickled = tmp_path / "pickled.pt"
     torch.save({"script": "source_only", "obj": UserError("x")}, pickled)  # needs unpickling of an object
     assert_one_line_error(run_script(*QUICK, "--eval-only", "--weights", str(pickled), "--out", str(tmp_path / "c")),
-                          "cannot load checkpoint")
+                          "cannot load --weights", "Unsupported global")
+    garbage = tmp_path / "garbage.pt"
+    torch.save({"a.weight": torch.zeros(2)}, garbage)
+    assert_one_line_error(run_script(*QUICK, "--eval-only", "--weights", str(garbage), "--out", str(tmp_path / "g")),
+                          "unrecognised layout", "AdaptSegNet/ADVENT/BDL releases")
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -128,6 +135,8 @@ def final_weights(out):
 
 
 def test_kill_and_resume_gives_the_same_weights(tmp_path):
+    """The resumed process starts at the checkpoint's iteration (it says so, and logs only later iterations) and
+    ends with the uninterrupted run's weights: a silent restart from 0 would fail the first two checks."""
     args = [*QUICK, "--iters", "8", "--checkpoint-every", "3", "--num-workers", "1"]
     straight = tmp_path / "straight"
     run_script(*args, "--out", str(straight), check=True)
@@ -143,8 +152,13 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the whole group: the data-loader worker too
     proc.wait()
     assert ckpt_file.exists()
-    assert torch.load(ckpt_file, weights_only=True)["iter"] < 8, "the run finished before it could be killed"
-    run_script(*args, "--out", str(killed), "--resume", "auto", check=True)
+    start = torch.load(ckpt_file, weights_only=True)["iter"]
+    assert 0 < start < 8, "the run finished before it could be killed"
+    rows_before = len((killed / "metrics.jsonl").read_text().splitlines())
+    resumed = run_script(*args, "--out", str(killed), "--resume", "auto", check=True)
+    assert f"at iteration {start}" in resumed.stdout
+    new_rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()[rows_before:]]
+    assert new_rows and min(r["iter"] for r in new_rows if "seg_src" in r) > start
     a, b = final_weights(straight), final_weights(killed)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -152,16 +166,70 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path):
         json.loads((killed / "results.json").read_text())["miou"]
 
 
-def test_torchrun_two_processes_on_cpu(tmp_path):
-    out = tmp_path / "ddp"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = subprocess.run([*torchrun, *QUICK, "--iters", "2", "--batch-size", "2", "--out", str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600,
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            os.path.join(ROOT, "tests", "collective_guard.py")]
+
+
+def torchrun(*argv):
+    """2 gloo processes under the collective guard (a host tensor in any collective fails the run)."""
+    result = subprocess.run([*TORCHRUN, *map(str, argv)], cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((out / "results.json").read_text())["iters"] == 2
-    assert json.loads((out / "config.json").read_text())["args"]["world_size"] == 2
-    assert len([l for l in (out / "metrics.jsonl").read_text().splitlines() if "seg_src" in l]) == 1  # rank 0 only
+    return result
+
+
+def test_two_processes_equal_one_process_with_the_whole_batch(tmp_path):
+    """2 processes x batch 1 end with the weights of 1 process x batch 2 (BN in eval mode: per-process batch
+    statistics differ by construction); rank 0 alone logs; evaluation sharded over 2 ranks scores like 1 rank."""
+    args = [*QUICK, "--iters", "2", "--batch-size", "2", "--bn-mode", "eval", "--log-every", "1"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    run_script(*args, "--out", str(single), check=True)
+    torchrun(*args, "--out", ddp)
+    a, b = final_weights(single), final_weights(ddp)
+    assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-6) for k in a)
+    assert json.loads((ddp / "config.json").read_text())["args"]["world_size"] == 2
+    assert len([l for l in (ddp / "metrics.jsonl").read_text().splitlines() if "seg_src" in l]) == 2  # rank 0 only
+    sharded = tmp_path / "sharded"
+    torchrun(*QUICK, "--eval-only", "--weights", single / "checkpoints" / "last.pt", "--out", sharded)
+    assert json.loads((sharded / "results.json").read_text())["per_class_iou"] == \
+        json.loads((single / "results.json").read_text())["per_class_iou"]
+
+
+def test_train_step_matches_an_independent_reference():
+    """Two real iterations of main()'s step against a hand-written one: CE(main) + 0.1 CE(aux) on logits
+    upsampled to the labels (align_corners=True, mean over non-255 pixels), SGD with momentum 0.9, weight decay
+    and the heads at 10x the lr; frozen BN affine; BN statistics from the batch (train mode)."""
+    from common.runtime import Runtime
+    torch.manual_seed(0)
+    model = source_only.DeepLabV2("resnet18", 4, multi_level=True)
+    reference = copy.deepcopy(model)
+    lr, wd, momentum = 0.01, 5e-4, 0.9
+    optimizer = torch.optim.SGD(model.param_groups(lr, 10), lr=lr, momentum=momentum, weight_decay=wd)
+    images, labels = torch.randn(2, 3, 33, 49), torch.randint(0, 4, (2, 33, 49))
+    labels[0, :5] = 255
+    rt = Runtime("cpu", amp=False)
+    for _ in range(2):
+        source_only.train_step(model, optimizer, rt, images, labels, 0.1)
+
+    def ce(logits):
+        up = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=True).log_softmax(1)
+        valid = labels != 255
+        return -up.gather(1, labels.clamp(max=3)[:, None])[:, 0][valid].mean()
+
+    params = [(n, p) for n, p in reference.named_parameters() if p.requires_grad]
+    buffers = {}
+    for _ in range(2):
+        aux, main = reference(images)
+        grads = torch.autograd.grad(ce(main) + 0.1 * ce(aux), [p for _, p in params])
+        with torch.no_grad():
+            for (name, p), g in zip(params, grads):
+                d = g + wd * p
+                buffers[name] = d if name not in buffers else momentum * buffers[name] + d
+                p -= lr * (10 if "head" in name else 1) * buffers[name]
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert all(torch.allclose(ours[k].float(), theirs[k].float(), atol=1e-6, rtol=1e-5) for k in ours)
+    assert not torch.equal(ours["head.convs.0.weight"], source_only.DeepLabV2("resnet18", 4).state_dict()[
+        "head.convs.0.weight"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -177,6 +245,9 @@ def test_deeplabv2_shapes_and_output_stride():
     assert {b.conv2.dilation for b in model101.layer3} == {(2, 2)} and {b.conv2.dilation for b in model101.layer4} == {(4, 4)}
     assert model101.layer2[0].conv1.stride == (2, 2) and model101.layer2[0].conv2.stride == (1, 1)
     assert model101.maxpool.ceil_mode
+    torchvision_layout = source_only.DeepLabV2("resnet50", num_classes=19, stride_on="3x3")  # where its weights learnt
+    assert torchvision_layout.layer2[0].conv1.stride == (1, 1) and torchvision_layout.layer2[0].conv2.stride == (2, 2)
+    assert torchvision_layout.eval()(torch.zeros(1, 3, 64, 128))[1].shape == (1, 19, 9, 17)
 
 
 def test_bn_affine_is_frozen_and_heads_get_ten_times_the_lr():
@@ -196,18 +267,88 @@ def test_aspp_sums_branches_and_two_branch_quirk():
 
 
 def test_init_from_deeplab_caffe_file_and_torchvision_layout(tmp_path):
-    reference = source_only.DeepLabV2("resnet18", num_classes=5)
-    state = {"Scale." + k: v + 1 for k, v in reference.state_dict().items() if "head" not in k}
-    state["Scale.layer5.conv2d_list.0.weight"] = torch.zeros(3)  # the original init's classifier: dropped
+    reference = source_only.DeepLabV2("resnet50", num_classes=5)
     path = tmp_path / "DeepLab_init.pth"
-    torch.save(state, path)
-    model = source_only.DeepLabV2("resnet18", num_classes=5)
-    assert source_only.load_init(model, str(path), "resnet18") == "caffe"
+    torch.save(released.caffe_init({k: v + 1 for k, v in reference.state_dict().items()}), path)
+    found = source_only.read_weights(str(path))
+    assert found["implied"] == {"normalization": "caffe", "stride_on": "1x1", "backbone": "resnet50"}
+    model = source_only.DeepLabV2("resnet50", num_classes=5)
+    head = model.head.convs[0].weight.clone()
+    assert source_only.load_init(model, str(path), "resnet50", found) == "caffe"
     assert torch.equal(model.layer4[1].conv2.weight, reference.layer4[1].conv2.weight + 1)
-    torch.save({k.removeprefix("Scale."): v for k, v in state.items() if "layer5" not in k}, path)
-    assert source_only.load_init(source_only.DeepLabV2("resnet18", num_classes=5), str(path), "resnet18") == "imagenet"
+    assert torch.equal(model.bn1.running_var, reference.bn1.running_var + 1)
+    assert torch.equal(model.head.convs[0].weight, head)  # the COCO classifier is dropped, the head stays random
+    torch.save({**{k: v for k, v in reference.state_dict().items() if "head" not in k},
+                "fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)}, path)  # torchvision layout
+    found = source_only.read_weights(str(path))
+    assert found["kind"] == "torchvision ResNet" and found["implied"]["stride_on"] == "3x3"
+    assert source_only.load_init(source_only.DeepLabV2("resnet50", num_classes=5), str(path), "resnet50", found) == \
+        "imagenet"
     with pytest.raises(UserError, match="does not fit"):
-        source_only.load_init(source_only.DeepLabV2("resnet50", num_classes=5), str(path), "resnet50")
+        source_only.load_init(source_only.DeepLabV2("resnet101", num_classes=5), str(path), "resnet101", found)
+
+
+@pytest.mark.parametrize("kind", ["adaptsegnet", "advent", "bdl"])
+def test_released_deeplab_models_are_recognised_and_land_in_the_right_modules(kind, tmp_path):
+    """AdaptSegNet (aux layer5 + layer6, torch < 0.4.1: 2 ASPP branches), ADVENT (the same keys saved by 0.4.1: 4
+    branches), BDL (one layer5 head on layer4, torch 0.4.0: 2 branches); all Caffe input, stride on the 1x1."""
+    multi = kind != "bdl"
+    reference = source_only.DeepLabV2("resnet50", 19, multi_level=multi)
+    for p in reference.parameters():  # random heads and BN statistics, so that a swap would show
+        torch.nn.init.normal_(p)
+    reference.bn1.running_mean.normal_()
+    path = tmp_path / f"{kind}.pth"
+    torch.save(released.deeplab_release(reference.state_dict(), kind), path)
+    found = source_only.read_weights(str(path))
+    assert found["kind"] == {"adaptsegnet": "AdaptSegNet release", "advent": "ADVENT release",
+                             "bdl": "BDL release"}[kind]
+    assert found["implied"] == {"normalization": "caffe", "stride_on": "1x1", "multi_level": multi,
+                                "aspp_branches": 4 if kind == "advent" else 2, "backbone": "resnet50"}
+    model = source_only.DeepLabV2("resnet50", 19, multi_level=multi, aspp_branches=found["implied"]["aspp_branches"])
+    report = source_only.load_matching(model, found["state"], kind, required=lambda k: True)
+    ours = model.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in reference.state_dict().items() if k in ours)
+    expect_unused = set() if kind == "advent" else {f"{h}.convs.{i}.{p}" for h in ("head", "aux_head")[:1 + multi]
+                                                     for i in (2, 3) for p in ("weight", "bias")}
+    assert set(report["unused"]) == expect_unused  # the two convs the official forward never sums: listed
+
+
+def test_released_model_evaluates_through_eval_only(tmp_path):
+    """--eval-only --weights <an AdaptSegNet release> on a tiny Cityscapes folder: no flags needed (resnet50
+    read from the file here), the quirks applied and recorded, predictions in the benchmark format."""
+    names = released.cityscapes_tree(str(tmp_path / "data"))
+    model = source_only.DeepLabV2("resnet50", 19, multi_level=True)  # the file holds all 4 convs of each head
+    path = tmp_path / "GTA2Cityscapes_multi-ed35151c.pth"
+    torch.save(released.deeplab_release(model.state_dict(), "adaptsegnet"), path)
+    out, preds = tmp_path / "eval", tmp_path / "preds"
+    result = run_script("source_only.py", "--eval-only", "--weights", str(path), "--data-root", str(tmp_path / "data"),
+                        "--eval-size", "32", "64", "--num-workers", "0", "--out", str(out), "--device", "cpu",
+                        "--save-predictions", str(preds), check=True)
+    assert "recognised AdaptSegNet release: caffe input, stride on 1x1, multi-level: True, 2 ASPP branches" \
+        in result.stdout.replace("normalization", "")
+    config, results = (json.loads((out / f).read_text()) for f in ("config.json", "results.json"))
+    assert config["args"]["aspp_branches"] == 2 and config["normalization"] == "caffe"
+    assert results["loaded"]["kind"] == "AdaptSegNet release" and results["loaded"]["implied"]["aspp_branches"] == 2
+    files = sorted(os.listdir(preds))
+    assert files == [f"{n}_leftImg8bit.png" for n in names]  # the name cityscapesScripts matches
+    saved = np.asarray(Image.open(preds / files[0]))
+    assert saved.shape == (64, 128) and set(np.unique(saved)) <= set(released.CITYSCAPES_LABEL_IDS)
+    # a typed flag beats the file, with a warning
+    typed = run_script("source_only.py", "--eval-only", "--weights", str(path), "--data-root", str(tmp_path / "data"),
+                       "--eval-size", "32", "64", "--num-workers", "0", "--out", str(tmp_path / "typed"),
+                       "--device", "cpu", "--aspp-branches", "4", check=True)
+    assert "--aspp-branches 4 contradicts AdaptSegNet release, which implies 2" in typed.stderr
+    assert json.loads((tmp_path / "typed" / "config.json").read_text())["args"]["aspp_branches"] == 4
+
+
+def test_numpy_scalars_load_and_other_objects_do_not(tmp_path):
+    from common.checkpoint import read_weights_file
+    path = tmp_path / "proda_like.pkl"
+    torch.save({"ResNet101": {"model_state": {"w": torch.ones(1)}}, "iter": 3, "best_iou": np.float64(0.5)}, path)
+    assert read_weights_file(str(path))["best_iou"] == 0.5
+    torch.save({"w": torch.ones(1), "opt": source_only.Args()}, path)
+    with pytest.raises(UserError, match="Unsupported global"):
+        read_weights_file(str(path))
 
 
 def test_seg_loss_ignores_255_and_is_zero_without_valid_pixels():
