@@ -3,56 +3,74 @@ adversarial loss and self-supervised pseudo labels, in alternating stages).
 
 Li, Yuan, Vasconcelos, "Bidirectional Learning for Domain Adaptation of Semantic Segmentation", CVPR 2019,
 https://arxiv.org/abs/1904.10620, official code https://github.com/liyunsheng13/BDL (`BDL.py`, `SSL.py`,
-`cyclegan/cycle_gan_model.py`, `cyclegan/networks.py`).
+`evaluation.py`, `cyclegan/`: the files it changed in junyanz/pytorch-CycleGAN-and-pix2pix).
 Recipe: K outer rounds (paper K=2), each one
   T^k   CycleGAN source->target translator (ResNet generators with 9 blocks, 70x70 PatchGAN discriminators,
         instance norm, LSGAN with 50-image pools, cycle L1 10, identity L1 5; Adam 2e-4, betas (0.5, 0.999),
-        constant for half the schedule then linear to 0; 20 epochs at batch 4 on 1024-wide 452x452 crops).
-        From round 2 on, the frozen segmenter of the previous round adds the perceptual loss: MSE between
-        instance-normalised stride-8 logits, 0.1 for image vs translation and 10 for image vs cycle
-        reconstruction, in both directions (cycle_gan_model.py).
-  S^k_0 DeepLab-v2 (single level) on translated source + output-space adversarial loss 0.001 (FCDisc on the
-        target softmax, Adam 1e-4; adaptsegnet.py's discriminator and step), 80k iterations;
-  S^k_i i = 1..N (paper N=2): pseudo labels from S^k_{i-1} on the target train split, per class
-        threshold min(median confidence of the pixels predicted as that class, 0.9), lower pixels ignored;
-        retrain with CE(translated source) + CE(target, pseudo) + 0.001 adversarial, 120k iterations each.
-Stages run in sequence from one command and are skipped when their output is cached in the run folder
-(translated/r<k>/, pseudo/r<k>_s<i>/, checkpoints/<stage>.pt, stages.json); `--stage NAME --round k
---ssl-round i` runs one stage; `--resume` continues the stage in progress (checkpoints/last.pt).
-Reported (paper): GTA5->Cityscapes 48.5 mIoU (R101), 41.3 (VGG); SYNTHIA->Cityscapes 51.4 mIoU13 (R101);
-source only 33.6; M_0^(1) 42.7, M_2^(1) 47.2, M_0^(2) 44.3 (maintainer, issues #17, #18, #30).
+        10 epochs at constant lr then 10 of linear decay, stepped per epoch; batch 4 of 452x452 crops of frames
+        resized to width 1024, flips; cyclegan/readme.md). From round 2 on, the frozen segmenter of the previous
+        round adds the perceptual loss: MSE between instance-normalised stride-8 logits, 0.1 for image vs
+        translation and 10 for image vs cycle reconstruction, both directions (cycle_gan_model.py:153-160).
+  S^k_0 DeepLab-v2 R101 (single level) on translated source + output-space adversarial loss 0.001 (FCDisc on the
+        target softmax, Adam 1e-4; adaptsegnet.py's discriminator and step); SGD 2.5e-4, poly 0.9 with horizon
+        250k stopped at 80k (BDL.py, options/train_options.py, README);
+  S^k_i i = 1..N (paper N=2): pseudo labels of the target train split from S^k_{i-1}: softmax of the stride-8
+        logits upsampled to 1024x512, per class threshold min(median confidence of the pixels predicted as that
+        class, 0.9), lower pixels ignored (SSL.py:35-62); retrain from the init on CE(translated source) +
+        CE(target, pseudo) + 0.001 adversarial, 120k iterations.
+Evaluation (evaluation.py:103-105): 1024x512 input, softmax upsampled bilinearly to 2048x1024 (`--eval-upsample`).
+One command runs every stage in order. A stage is done when the file it writes last exists in the run folder
+(checkpoints/<stage>.pt, translated/r<k>/done.json, pseudo/r<k>_s<i>/thresholds.json) and is then skipped;
+running a stage deletes those of the later stages. `--stage NAME --round k --ssl-round i` runs one stage;
+`--resume` continues the stage in progress from checkpoints/last.pt (translation and pseudo labels restart).
+Reported (paper): GTA5->Cityscapes 48.5 mIoU (R101); SYNTHIA->Cityscapes 51.4 mIoU13 (R101); source only 33.6;
+M_0^(1) 42.7, M_2^(1) 47.2, M_0^(2) 44.3 (maintainer, #17, #18, #30). The VGG-16 rows (41.3, 39.0) need a
+network this script does not offer.
 
 Deviations from the official code:
-- Pseudo-label thresholds are computed in constant memory: confidences are quantised to 1/65535 and counted
-  in per-class histograms (two passes over the target images: histogram, then labelling); the official
-  SSL.py keeps every probability in RAM (~23 GiB). Threshold = the official order statistic
-  sorted[round(n/2)] of the quantised values (error < 1/65535 = 1.6e-5), capped at 0.9.
-- Translation happens at the segmenter's source training size (`--source-size`, GTA5 1280x720); the
-  official code does not fix it (maintainer #11, #47). Round 1 has no perceptual loss (no segmenter yet).
+- Pseudo-label thresholds in constant memory: confidences quantised to 1/65535 and counted in per-class
+  histograms (two passes: histogram, then labelling) instead of SSL.py's arrays of every probability (~23 GiB);
+  threshold = the official order statistic sorted[round(n/2)] of the quantised values (error < 1.6e-5).
+- Translation at the segmenter's source size (`--source-size`, GTA5 1280x720; the official code does not fix
+  it, maintainer #11, #47). Round 1 has no perceptual loss (no segmenter yet; "similar", #37). Every round's
+  CycleGAN starts from random init (cyclegan/readme.md has no --continue_train; the paper does not say).
 - ASPP sums 4 branches and init is torchvision ImageNet (source_only.py defaults; BDL.py after 37af0e7).
-- `--iters` is the length of each round's first segmentation stage (paper 80k) and `--ssl-iters` of the
-  others (120k); every segmentation stage restarts from `--init` and its own poly schedule (paper, README
-  `--init-weights`) unless `--seg-init previous`.
-- Stage order and defaults K=2, N=2 follow paper Table 2 / README releases (not the code, which runs one stage
-  per command).
+- `--iters` is each round's first segmentation stage (80k), `--ssl-iters` each later one (120k); every
+  segmentation stage restarts from `--init` and its own poly schedule (README `--init-weights`) unless
+  `--seg-init previous`. BDL.py tests its stop every 100 iterations, so runs 100 past the snapshot it keeps; we
+  stop at the snapshot. K=2, N=2 and the stage order follow paper Table 2 (the code runs one stage per command).
+- CycleGAN: an epoch is one pass over the larger domain at `--cyclegan-batch`, rounded up (6,242 iterations for
+  GTA5); the schedule keeps the official off-by-one (networks.py get_scheduler stepped at each epoch's end:
+  the decay starts in epoch 10, the last epoch runs at lr 0); target crops come from a shuffled stream
+  (official: drawn with replacement); after the width-1024 resize the height is rounded (official: truncated).
+  Under torchrun the image pools stay global (all ranks' fakes, gathered in the single-process order).
+- Mixed precision: on CUDA the forward and backward passes run under bf16 autocast (fp16 with a GradScaler
+  where bf16 is missing) with TF32 matmuls by default; the paper trained in fp32 (`--no-amp` gives fp32).
+  Losses, softmax, the perceptual loss's instance norm, pseudo-label confidences, argmax and per-class
+  histograms and thresholds, and the evaluation upsampling and argmax are computed in fp32.
+- Resizing: images bicubic (PIL), as the official loaders (gta5_dataset.py:37, cityscapes_dataset.py:83,
+  CycleGAN's __scale_width); labels nearest.
+- `--batch-size` is the global batch; under torchrun it is split over the processes (one seeded sample
+  stream, rank r takes every world-th sample: 2 processes x batch 1 see what 1 process x batch 2 sees).
 - `--preset quick` (toy pair, CPU, random init): 400 segmentation iterations in all (60 + 70 + 70 per round)
-  chained with `--seg-init previous` on one poly schedule of horizon 400, the same budget as
-  source_only.py's quick run (restarting 6 times from random init would leave each model 60-70 iterations);
-  lambda_adv 0.1 (100x the paper, as adaptsegnet.py's quick preset: the paper's weight has no measurable
-  effect in a few hundred iterations); a tiny CycleGAN (ngf 16, 3 blocks, 300 iterations at lr 1e-3 on
-  64x64 crops: at 2e-4 and 200 iterations its translations were blurred grey shapes); the first 200 target
-  train images (each pseudo-label pass labels all of them).
+  chained with `--seg-init previous` on one poly schedule (`--poly-horizon none` = the chained total, so it
+  follows `--iters`/`--ssl-iters`), source_only.py's quick budget; lambda_adv 0.1 (100x the paper, as
+  adaptsegnet.py's quick preset: the paper's weight does not act in a few hundred iterations); a tiny CycleGAN
+  (ngf 16, 3 blocks, 5 + 5 epochs of 30 iterations at lr 1e-3 on 64x64 crops: at 2e-4 and 200 iterations its
+  translations were blurred grey shapes); the first 200 target train images; evaluation upsamples logits, as
+  every other toy row.
 Docs: README.md, section "Methods"; benchmarks/bdl.md.
 """
 import contextlib
 import dataclasses
-import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -62,10 +80,10 @@ from tqdm import tqdm
 from common.checkpoint import load_checkpoint, load_weights, resume_path, rng_state, save_checkpoint, set_rng_state
 from common.cli import UserError, guard, parse_args
 from common.data import (NORMALIZATION, SegDataset, TrainTransform, class_setup, domain_split, eval_loader, normalize,
-                         read_image, read_label, train_loader)
+                         read_image, read_label, resize_label, train_loader)
 from common.metrics import evaluate_target
 from common.runlog import RunLog, param_counts, save_json
-from common.runtime import Runtime, resolve_out_dir, seed_everything, share_run_dir, unwrap
+from common.runtime import Runtime, resolve_out_dir, seed_everything, share_run_dir
 
 SCRIPT = "bdl"
 
@@ -132,10 +150,6 @@ class Args:
     """classes of the head when the source is SYNTHIA: 19 (evaluated on 16/13) or 16"""
     normalization: Literal["auto", "imagenet", "caffe"] = "auto"
     """input normalisation; auto: caffe (BGR, mean only) for Caffe DeepLab init files, else imagenet"""
-    multi_level: bool = False
-    """add the auxiliary classifier on layer3 (weight lambda_seg_aux), as the multi-level methods do"""
-    lambda_seg_aux: float = 0.1
-    """weight of the auxiliary segmentation loss (AdaptSegNet: 0.1)"""
     aspp_branches: int = 4
     """ASPP branches summed: 4 (ADVENT, BDL) or 2 (AdaptSegNet's released code)"""
     bn_mode: Literal["train", "eval"] = "train"
@@ -147,14 +161,18 @@ class Args:
     head_lr_mult: float = 10.0
     """learning-rate multiplier of the classifiers (paper: 10)"""
     poly_horizon: Optional[int] = 250000
-    """poly schedule horizon T in lr*(1-t/T)^power; none: the run length (--iters). Paper: 250k, a separate number
-    from the iterations (it stays when --iters changes)"""
+    """poly schedule horizon T in lr*(1-t/T)^power. Paper: 250k, a separate number from the iterations (it stays
+    when --iters changes); none: each schedule ends with its stage, or with --seg-init previous with the last of
+    the chained stages"""
     poly_power: float = 0.9
     """poly schedule power (paper: 0.9)"""
 
     # Algorithm specific arguments
+    eval_upsample: Literal["logits", "softmax"] = "softmax"
+    """what the evaluation upsamples to the label size before the argmax: softmax (official evaluation.py) or
+    logits (every other script)"""
     stage: Literal["all", "cyclegan", "translate", "seg", "pseudo"] = "all"
-    """all: run every stage not yet cached in the run folder; else only this stage of --round/--ssl-round"""
+    """all: run every stage whose output is not in the run folder yet; else only this stage of --round/--ssl-round"""
     round: int = 1
     """outer round k of --stage (1-based)"""
     ssl_round: int = 0
@@ -178,9 +196,13 @@ class Args:
     """use only the first N source train images (paper: all)"""
     target_limit: Optional[int] = None
     """use only the first N target train images, adversarial and pseudo-label stages (paper: all 2,975)"""
-    cyclegan_iters: int = 124830
-    """CycleGAN iterations, constant lr for the first half, linear decay to 0 after (paper: 20 epochs of GTA5
-    at batch 4 = 124,830)"""
+    cyclegan_epochs: int = 10
+    """CycleGAN epochs at the initial learning rate (paper: --niter 10)"""
+    cyclegan_decay_epochs: int = 10
+    """CycleGAN epochs of linear decay, stepped once per epoch (paper: --niter_decay 10)"""
+    cyclegan_epoch_iters: Optional[int] = None
+    """iterations per CycleGAN epoch; none: one pass over the larger domain's train split at --cyclegan-batch,
+    rounded up (official; GTA5: 6,242)"""
     cyclegan_batch: int = 4
     """CycleGAN global batch of source and of target crops (paper: 4)"""
     cyclegan_lr: float = 2e-4
@@ -214,12 +236,12 @@ class Args:
 PRESETS = {
     "paper": {},
     "quick": dict(source="toy-synth", target="toy-real", backbone="resnet18", init="none", iters=60, batch_size=4,
-                  lr=0.0025, eval_every=0, checkpoint_every=100, num_workers=1, log_every=10, poly_horizon=400,
+                  lr=0.0025, eval_every=0, checkpoint_every=100, num_workers=1, log_every=10, poly_horizon=None,
                   seed=0, source_size=[96, 192], target_size=[96, 192],
                   # method-specific: 60 + 70 + 70 seg iterations per round x 2 rounds = source_only's 400, chained
-                  ssl_iters=70, seg_init="previous", lambda_adv=0.1, target_limit=200,
-                  cyclegan_iters=300, cyclegan_batch=2, cyclegan_lr=1e-3, cyclegan_load_width=192,
-                  cyclegan_crop=[64, 64], ngf=16, ndf=8, gen_blocks=3),
+                  ssl_iters=70, seg_init="previous", lambda_adv=0.1, target_limit=200, eval_upsample="logits",
+                  cyclegan_epochs=5, cyclegan_decay_epochs=5, cyclegan_epoch_iters=30, cyclegan_batch=2,
+                  cyclegan_lr=1e-3, cyclegan_load_width=192, cyclegan_crop=[64, 64], ngf=16, ndf=8, gen_blocks=3),
 }
 
 
@@ -516,8 +538,8 @@ class ImagePool:
     """CycleGAN's history of generated images: until full, store and return each new image; then with
     probability 1/2 return a stored one and store the new one in its place. Draws from the global torch RNG."""
 
-    def __init__(self, size):
-        self.size, self.images = size, []
+    def __init__(self, size, device):
+        self.size, self.device, self.images = size, device, []
 
     def query(self, images):
         if self.size == 0:
@@ -535,11 +557,23 @@ class ImagePool:
                 out.append(image)
         return torch.stack(out)
 
-    def state(self):
-        return torch.stack(self.images).cpu() if self.images else torch.empty(0)
+    def state_dict(self):
+        return {"images": torch.stack(self.images).cpu() if self.images else torch.empty(0)}
 
-    def load(self, tensor, device):
-        self.images = [t.to(device) for t in tensor]
+    def load_state_dict(self, state):
+        self.images = [t.to(self.device) for t in state["images"]]
+
+
+def pooled(pool, fakes, rt):
+    """The pool's answer for this rank's fakes. Under torchrun the pool stays global, as in CycleGAN's single
+    process: every rank queries its copy with all ranks' fakes in the single-process batch order (rank r holds
+    samples r, r + world, ...) and keeps its own share; the copies stay identical because every rank draws the
+    same random numbers (same seed, same calls)."""
+    if not rt.distributed:
+        return pool.query(fakes)
+    parts = [torch.empty_like(fakes) for _ in range(rt.world)]
+    dist.all_gather(parts, fakes.detach().contiguous())  # on rt.device: NCCL needs device tensors
+    return pool.query(torch.stack(parts, 1).flatten(0, 1))[rt.rank::rt.world]
 
 
 def lsgan_loss(logits, real: bool):
@@ -566,14 +600,15 @@ def perceptual_loss(logits_a, logits_b):
 def translator_losses(out, real_s, real_t, discs, segmenter, norm):
     """Generator-side CycleGAN terms (unweighted) from the Translators output. `discs` are the frozen, unwrapped
     discriminators; `segmenter` the frozen segmenter of the previous round or None (no perceptual terms)."""
-    losses = {"gan_g": lsgan_loss(discs["target"](out["fake_t"]), True) + lsgan_loss(discs["source"](out["fake_s"]), True),
+    gan = lsgan_loss(discs["target"](out["fake_t"]), True) + lsgan_loss(discs["source"](out["fake_s"]), True)
+    losses = {"gan_g": gan,
               "cycle": F.l1_loss(out["rec_s"].float(), real_s) + F.l1_loss(out["rec_t"].float(), real_t),
               "idt": F.l1_loss(out["idt_t"].float(), real_t) + F.l1_loss(out["idt_s"].float(), real_s)}
     if segmenter is not None:
-        feats = {k: segmenter(gan_to_seg_input(v, norm))[1] for k, v in
-                 (("real_s", real_s), ("real_t", real_t), *((k, out[k]) for k in ("fake_t", "fake_s", "rec_s", "rec_t")))}
-        losses["sem"] = perceptual_loss(feats["fake_t"], feats["real_s"]) + perceptual_loss(feats["fake_s"], feats["real_t"])
-        losses["sem_rec"] = perceptual_loss(feats["rec_s"], feats["real_s"]) + perceptual_loss(feats["rec_t"], feats["real_t"])
+        images = {"real_s": real_s, "real_t": real_t, **{k: out[k] for k in ("fake_t", "fake_s", "rec_s", "rec_t")}}
+        f = {k: segmenter(gan_to_seg_input(v, norm))[1] for k, v in images.items()}
+        losses["sem"] = perceptual_loss(f["fake_t"], f["real_s"]) + perceptual_loss(f["fake_s"], f["real_t"])
+        losses["sem_rec"] = perceptual_loss(f["rec_s"], f["real_s"]) + perceptual_loss(f["rec_t"], f["real_t"])
     return losses
 
 
@@ -582,10 +617,11 @@ def translator_discriminator_loss(disc, real, fake_pooled):
     return 0.5 * (lsgan_loss(disc(real), True) + lsgan_loss(disc(fake_pooled.detach()), False))
 
 
-def cyclegan_lr_factor(it, total):
-    """CycleGAN's lambda_rule per iteration: constant for the first half, then linear decay towards 0."""
-    half = total // 2
-    return 1.0 - max(0, it + 1 - half) / (total - half + 1)
+def cyclegan_lr_factor(epoch, constant_epochs, decay_epochs):
+    """CycleGAN's 'lambda' policy (networks.py get_scheduler) stepped at the end of each epoch, so epoch e
+    (0-based) trains at 1 - max(0, e + 2 - niter) / (niter_decay + 1): niter 10, niter_decay 10 give 9 epochs
+    at 1, then 10/11 ... 1/11, and the last epoch at 0 (the official off-by-one, kept)."""
+    return 1.0 - max(0, epoch + 2 - constant_epochs) / (decay_epochs + 1)
 
 
 @torch.no_grad()
@@ -632,7 +668,8 @@ def apply_thresholds(label, conf_q, thresholds_q):
 def generate_pseudo_labels(predict, split, size, out_dir, rt, num_classes, cap=0.9, num_workers=0):
     """Two passes over the target train split, each holding one image's probabilities at a time: per-class
     confidence histograms (all-reduced over ranks) give the thresholds, then each rank writes the PNGs of its
-    share. `predict(uint8 images) -> logits`. Returns the thresholds (floats)."""
+    share. `predict(uint8 images) -> logits` (it may run under autocast; everything after it is fp32).
+    Returns the thresholds (floats)."""
     dataset = SegDataset(split, eval_size=size, with_label=False)
     hist = torch.zeros(num_classes, CONF_LEVELS + 1, dtype=torch.int64, device=rt.device)
     thresholds_q = None
@@ -640,14 +677,17 @@ def generate_pseudo_labels(predict, split, size, out_dir, rt, num_classes, cap=0
         loader = eval_loader(dataset, rt.rank, rt.world, num_workers)
         for image, _, index in tqdm(loader, desc="pseudo labels" + (" (write)" if labelling else ""),
                                     disable=not rt.is_main, dynamic_ncols=True):
-            label, conf_q = confidence_map(softmax_at(predict(image.to(rt.device)), image.shape[-2:]))
+            # SSL.py:36-37: softmax of the stride-8 logits, then the probabilities upsampled (fp32)
+            probs = F.interpolate(predict(image.to(rt.device)).float().softmax(1), size=image.shape[-2:],
+                                  mode="bilinear", align_corners=True)
+            label, conf_q = confidence_map(probs)
             if not labelling:
                 add_histograms(hist, label, conf_q)
                 continue
             pseudo = apply_thresholds(label[0], conf_q[0], thresholds_q).cpu().numpy()
             Image.fromarray(pseudo).save(os.path.join(out_dir, split.item_name(int(index[0])) + ".png"))
         if not labelling:
-            thresholds_q = median_thresholds(rt.all_reduce(hist), cap)
+            thresholds_q = median_thresholds(rt.all_reduce(hist), cap)  # hist lives on rt.device (NCCL)
     rt.barrier()
     return (thresholds_q.double() / CONF_LEVELS).tolist()
 
@@ -671,7 +711,7 @@ class CachedDataset(torch.utils.data.Dataset):
         label = (read_label(os.path.join(self.label_dir, name)) if self.label_dir
                  else self.split.load_label(index) if self.split_labels else None)
         if label is not None and label.shape != image.shape[:2]:  # a translated image is already resized
-            label = np.asarray(Image.fromarray(label).resize(image.shape[1::-1], Image.NEAREST))
+            label = resize_label(label, image.shape[:2])
         image, label = self.transform(image, label, np.random.default_rng(seed))
         image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         label = torch.from_numpy(np.array(label)) if label is not None else torch.empty(0, dtype=torch.uint8)
@@ -683,26 +723,28 @@ class Stage:
     kind: str  # cyclegan, translate, seg, pseudo
     round: int
     ssl_round: int = 0
+    length: int = 0  # training iterations of a seg stage
     index: int = 0  # position in the plan (seeds the stage)
-    length: int = 0  # training iterations (cyclegan, seg)
-    seg_offset: int = 0  # segmentation iterations of the earlier seg stages
 
     @property
     def name(self):
         return f"{self.kind}_r{self.round}" + (f"_s{self.ssl_round}" if self.kind in ("seg", "pseudo") else "")
 
+    @property
+    def output(self):
+        """The file the finished stage writes last, in the run folder: the stage is done when it exists."""
+        folder = self.name.split("_", 1)[1]
+        return {"translate": f"translated/{folder}/done.json",
+                "pseudo": f"pseudo/{folder}/thresholds.json"}.get(self.kind, f"checkpoints/{self.name}.pt")
+
 
 def stage_plan(args):
     """The bidirectional loop: per round T (cyclegan), translate, S_0, then N x (pseudo labels, S_i)."""
-    plan, seg_done = [], 0
+    plan = []
     for k in range(1, args.outer_rounds + 1):
-        plan += [Stage("cyclegan", k, length=args.cyclegan_iters), Stage("translate", k)]
-        for i in range(args.ssl_rounds + 1):
-            if i:
-                plan.append(Stage("pseudo", k, i))
-            length = args.iters if i == 0 else args.ssl_iters
-            plan.append(Stage("seg", k, i, length=length, seg_offset=seg_done))
-            seg_done += length
+        plan += [Stage("cyclegan", k), Stage("translate", k), Stage("seg", k, 0, args.iters)]
+        for i in range(1, args.ssl_rounds + 1):
+            plan += [Stage("pseudo", k, i), Stage("seg", k, i, args.ssl_iters)]
     for n, st in enumerate(plan):
         st.index = n
     return plan
@@ -711,6 +753,7 @@ def stage_plan(args):
 # ----------------------------------------------------------------------------------------------------
 def main():
     args = parse_args(Args, PRESETS, description=__doc__)
+    horizon_to_end = args.poly_horizon is None  # resolved with the stage plan (the setup block would take --iters)
     # TRY NOT TO MODIFY: setup
     rt = Runtime(args.device, args.amp)
     args.world_size, args.rank = rt.world, rt.rank
@@ -723,23 +766,31 @@ def main():
     num_classes = len(classes)
     ckpt_path = resume_path(args.resume, out_dir)
 
-    # ALGO LOGIC: the stage plan
+    # ALGO LOGIC: the stage plan, or the one --stage
     if args.cyclegan_batch % rt.world:
         raise UserError(f"--cyclegan-batch {args.cyclegan_batch} must divide by {rt.world} processes")
-    if args.outer_rounds < 1 or args.ssl_rounds < 0 or min(args.iters, args.ssl_iters, args.cyclegan_iters) < 1:
-        raise UserError("--outer-rounds and every stage's iterations must be >= 1, --ssl-rounds >= 0")
+    if (args.outer_rounds < 1 or args.ssl_rounds < 0 or args.cyclegan_epochs + args.cyclegan_decay_epochs < 1
+            or min(args.iters, args.ssl_iters, args.cyclegan_epoch_iters or 1) < 1):
+        raise UserError("--outer-rounds, every stage's iterations and the CycleGAN epochs must be >= 1, "
+                        "--ssl-rounds >= 0")
     plan = stage_plan(args)
-    selected = None
-    if args.stage != "all":
-        matches = [st for st in plan if (st.kind, st.round) == (args.stage, args.round)
-                   and (st.kind not in ("seg", "pseudo") or st.ssl_round == args.ssl_round)]
-        if not matches:
+    if horizon_to_end:  # one schedule over the chained stages, else each stage's own (run_seg)
+        args.poly_horizon = sum(st.length for st in plan if st.kind == "seg") if args.seg_init == "previous" else None
+    if args.stage == "all":
+        if {"round", "ssl_round"} & args.given:
+            raise UserError("--round and --ssl-round pick the stage of --stage; --stage all runs every stage")
+        todo = plan
+    else:
+        todo = [st for st in plan if (st.kind, st.round, st.ssl_round) == (args.stage, args.round, args.ssl_round)]
+        if not todo:
             raise UserError(f"--stage {args.stage} --round {args.round} --ssl-round {args.ssl_round} is not in the "
                             f"plan of {args.outer_rounds} rounds x {args.ssl_rounds} pseudo-label rounds")
-        selected = matches[0]
 
-    # ALGO LOGIC: networks and optimisers (each stage builds its own; these give --dry-run's parameter counts)
-    model = DeepLabV2(args.backbone, num_classes, args.multi_level, args.aspp_branches, args.bn_mode)
+    # ALGO LOGIC: networks (each stage builds its own; these give --dry-run's parameter counts)
+    def new_segmenter():
+        return DeepLabV2(args.backbone, num_classes, False, args.aspp_branches, args.bn_mode)
+
+    model = new_segmenter()
     norm = load_init(model, args.init, args.backbone) if not (ckpt_path or args.eval_only or args.dry_run) else None
     model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
     translators = Translators(args.ngf, args.gen_blocks)
@@ -778,9 +829,13 @@ def main():
     eval_size = args.eval_size or args.target_size or target_val.paper_size
 
     def evaluate_model(net, final=False):
+        def predict(x):  # the evaluator upsamples what this returns, then takes the argmax
+            logits = net(to_input(x))[1]
+            return logits.float().softmax(1) if args.eval_upsample == "softmax" else logits
+
         net.eval()
         with torch.no_grad(), rt.autocast():
-            summary = evaluate_target(lambda x: net(to_input(x))[1], target_val, rt, align_corners=True, log=log,
+            summary = evaluate_target(predict, target_val, rt, align_corners=True, log=log,
                                       num_predictions=args.num_predictions if final else 0, limit=args.eval_limit,
                                       eval_size=eval_size, pred_map=pred_map,
                                       synthia_protocols=args.source == "synthia" and len(eval_classes) == 19)
@@ -793,7 +848,7 @@ def main():
         print(f"target val mIoU {summary['miou']:.2f} ({log.path('results.json')})")
         return
 
-    # ALGO LOGIC: data, stage records and cached outputs
+    # ALGO LOGIC: data, stage outputs, the stage checkpoint
     def first(split, n):
         return split if n is None else dataclasses.replace(split, images=split.images[:n], labels=split.labels[:n])
 
@@ -804,47 +859,31 @@ def main():
     target_size = args.target_size or target_train.paper_size
     per_rank_batch = args.batch_size // rt.world
     pin = rt.device.type == "cuda"
-
-    def translated_dir(k):
-        return log.path("translated", f"r{k}")
-
-    def pseudo_dir(k, i):
-        return log.path("pseudo", f"r{k}_s{i}")
-
-    def stage_file(name):
-        return log.path("checkpoints", f"{name}.pt")
-
-    records_path = log.path("stages.json")
-    records = json.load(open(records_path)) if os.path.isfile(records_path) else {}
-
-    def is_done(st):
-        rec = records.get(st.name, {})
-        if st.kind in ("cyclegan", "seg"):
-            return rec.get("iters") == st.length and os.path.isfile(stage_file(st.name))
-        return rec.get("images") == len(source_train if st.kind == "translate" else target_train)
-
-    def set_records(drop_from=None, stage=None, **info):
-        """Mark `stage` done (info), or forget `drop_from` and every later stage (they depend on it)."""
-        if drop_from is not None:
-            for st in plan[drop_from.index:]:
-                records.pop(st.name, None)
-        if stage is not None:
-            records[stage.name] = info
-        if rt.is_main:
-            save_json(records_path, records)
-        rt.barrier()
-
-    def stage_state(st, it, **state):
-        return {"script": SCRIPT, "num_classes": num_classes, "normalization": norm, "stage": st.name, "iter": it,
-                "args": dataclasses.asdict(args), **state}
-
-    def resumes(st):
-        return resume_ckpt is not None and resume_ckpt["stage"] == st.name and resume_ckpt["iter"] < st.length
+    output = {st.name: log.path(st.output) for st in plan}
 
     def segmenter_from(name):
-        net = DeepLabV2(args.backbone, num_classes, args.multi_level, args.aspp_branches, args.bn_mode)
-        load_weights(net, load_checkpoint(stage_file(name), SCRIPT, num_classes)["model"])
+        net = new_segmenter()
+        load_weights(net, load_checkpoint(output[name], SCRIPT, num_classes)["model"])
         return net.to(rt.device, memory_format=channels_last)
+
+    def save(st, it, path=log.path("checkpoints", "last.pt"), **state):
+        """A stage's output (path), or last.pt: everything --resume needs to continue `st` exactly."""
+        if rt.is_main:
+            save_checkpoint(path, {"script": SCRIPT, "num_classes": num_classes, "normalization": norm,
+                                   "stage": st.name, "iter": it, "args": dataclasses.asdict(args), **state})
+
+    def restore(st, parts):
+        """The iteration to start `st` at: where --resume's checkpoint left it (states loaded), else 0."""
+        if resume_ckpt is None or resume_ckpt["stage"] != st.name:
+            return 0
+        for k, v in parts.items():
+            load_weights(v, resume_ckpt[k]) if isinstance(v, nn.Module) else v.load_state_dict(resume_ckpt[k])
+        set_rng_state(resume_ckpt["rng"])
+        return resume_ckpt["iter"]
+
+    def folder_of(name):
+        os.makedirs(os.path.dirname(output[name]), exist_ok=True)
+        return os.path.dirname(output[name])
 
     # ALGO LOGIC: T^k, the CycleGAN translator (perceptual loss from the previous round's last segmenter)
     def run_cyclegan(st):
@@ -852,49 +891,37 @@ def main():
         translators = Translators(args.ngf, args.gen_blocks).to(rt.device)
         discs = nn.ModuleDict({"target": PatchDiscriminator(args.ndf), "source": PatchDiscriminator(args.ndf)})
         discs.to(rt.device)
-        optimizer_g = torch.optim.Adam([{"params": translators.parameters(), "lr_mult": 1.0}], lr=args.cyclegan_lr,
-                                       betas=(0.5, 0.999))
-        optimizer_d = torch.optim.Adam([{"params": discs.parameters(), "lr_mult": 1.0}], lr=args.cyclegan_lr,
-                                       betas=(0.5, 0.999))
-        pools = {"target": ImagePool(args.pool_size), "source": ImagePool(args.pool_size)}
+        adam = dict(lr=args.cyclegan_lr, betas=(0.5, 0.999))  # CycleGAN --beta1 0.5
+        optimizer_g = torch.optim.Adam([{"params": translators.parameters(), "lr_mult": 1.0}], **adam)
+        optimizer_d = torch.optim.Adam([{"params": discs.parameters(), "lr_mult": 1.0}], **adam)
+        pools = {"target": ImagePool(args.pool_size, rt.device), "source": ImagePool(args.pool_size, rt.device)}
         segmenter = None
         if st.round > 1:  # frozen, eval mode; gradients flow through it into the generators only
             segmenter = segmenter_from(f"seg_r{st.round - 1}_s{args.ssl_rounds}").eval()
             set_requires_grad([segmenter], False)
-        start = 0
-        if resumes(st):
-            translators.load_state_dict(resume_ckpt["translators"])
-            discs.load_state_dict(resume_ckpt["discs"])
-            optimizer_g.load_state_dict(resume_ckpt["optimizer_g"])
-            optimizer_d.load_state_dict(resume_ckpt["optimizer_d"])
-            for k, pool in pools.items():
-                pool.load(resume_ckpt[f"pool_{k}"], rt.device)
-            rt.scaler.load_state_dict(resume_ckpt["scaler"])
-            set_rng_state(resume_ckpt["rng"])
-            start = resume_ckpt["iter"]
+        parts = dict(translators=translators, discs=discs, optimizer_g=optimizer_g, optimizer_d=optimizer_d,
+                     scaler=rt.scaler, pool_target=pools["target"], pool_source=pools["source"])
+        start = restore(st, parts)
+        epoch_iters = args.cyclegan_epoch_iters or math.ceil(max(len(source_train), len(target_train))
+                                                             / args.cyclegan_batch)
+        length = (args.cyclegan_epochs + args.cyclegan_decay_epochs) * epoch_iters
         transform = TrainTransform(size=(args.cyclegan_load_width,) * 2, keep_ratio=True, crop=args.cyclegan_crop,
                                    flip=True)
-        batch, seed = args.cyclegan_batch // rt.world, args.seed + 1000 * st.index + rt.rank
+        batch, seed = args.cyclegan_batch // rt.world, args.seed + 1000 * st.index
         source_batches = train_loader(SegDataset(source_train, transform, with_label=False), batch, seed, start,
-                                      num_workers=args.num_workers, pin_memory=pin)
+                                      rt.rank, rt.world, num_workers=args.num_workers, pin_memory=pin)
         target_batches = train_loader(SegDataset(target_train, transform, with_label=False), batch, seed + 500, start,
-                                      num_workers=args.num_workers, pin_memory=pin)
+                                      rt.rank, rt.world, num_workers=args.num_workers, pin_memory=pin)
         train_translators = rt.wrap(translators)
         train_discs = {k: rt.wrap(d) for k, d in discs.items()}
 
-        def checkpoint(it):
-            if rt.is_main:
-                save_checkpoint(log.path("checkpoints", "last.pt"), stage_state(
-                    st, it, translators=translators.state_dict(), discs=discs.state_dict(),
-                    optimizer_g=optimizer_g.state_dict(), optimizer_d=optimizer_d.state_dict(),
-                    scaler=rt.scaler.state_dict(), rng=rng_state(), **{f"pool_{k}": p.state() for k, p in pools.items()}))
-
         running = {}
         log.start_loop(start)
-        progress = tqdm(range(start, st.length), initial=start, total=st.length, disable=not rt.is_main,
+        progress = tqdm(range(start, length), initial=start, total=length, disable=not rt.is_main,
                         desc=f"{SCRIPT} {st.name}", dynamic_ncols=True)
         for it in progress:
-            lr = args.cyclegan_lr * cyclegan_lr_factor(it, st.length)
+            lr = args.cyclegan_lr * cyclegan_lr_factor(it // epoch_iters, args.cyclegan_epochs,
+                                                       args.cyclegan_decay_epochs)
             set_lr(optimizer_g, lr)
             set_lr(optimizer_d, lr)
             optimizer_g.zero_grad(set_to_none=True)
@@ -912,12 +939,12 @@ def main():
                     + args.lambda_perceptual_rec * losses.get("sem_rec", 0.0))
             rt.scaler.scale(loss).backward()
             set_requires_grad(discs.values(), True)
-            # discriminators: real vs a detached fake drawn from the pool
+            # discriminators: real vs a detached fake drawn from the (global) pool
             with rt.autocast():
                 losses["d_cyc"] = (translator_discriminator_loss(train_discs["target"], real_t,
-                                                                 pools["target"].query(out["fake_t"]))
+                                                                 pooled(pools["target"], out["fake_t"], rt))
                                    + translator_discriminator_loss(train_discs["source"], real_s,
-                                                                   pools["source"].query(out["fake_s"])))
+                                                                   pooled(pools["source"], out["fake_s"], rt)))
             rt.scaler.scale(losses["d_cyc"]).backward()
             rt.scaler.step(optimizer_g)
             rt.scaler.step(optimizer_d)
@@ -926,97 +953,88 @@ def main():
             for k, v in losses.items():
                 running[k] = running.get(k, 0.0) + v.detach()
             done = it + 1
-            if done % args.log_every == 0 or done % args.checkpoint_every == 0 or done == st.length:
+            if done % args.log_every == 0 or done % args.checkpoint_every == 0 or done == length:
                 scalars = log.check_and_log(done, running, lr, args.cyclegan_batch, progress, round=st.round,
-                                            write=done % args.log_every == 0 or done == st.length)
+                                            write=done % args.log_every == 0 or done == length)
                 running = {} if scalars is not None else running
-            if done % args.checkpoint_every == 0 or done == st.length:
-                checkpoint(done)
-        if rt.is_main:
-            save_checkpoint(stage_file(st.name), stage_state(st, st.length, to_target=translators.to_target.state_dict(),
-                                                             to_source=translators.to_source.state_dict()))
-        set_records(stage=st, iters=st.length)
+            if done % args.checkpoint_every == 0 or done == length:
+                save(st, done, rng=rng_state(), **{k: v.state_dict() for k, v in parts.items()})
+        save(st, length, output[st.name], to_target=translators.to_target.state_dict(),
+             to_source=translators.to_source.state_dict())
 
     # ALGO LOGIC: translate every source train image with T^k, at the segmenter's source size
     def run_translate(st):
         to_target = ResnetGenerator(args.ngf, args.gen_blocks)
-        load_weights(to_target, load_checkpoint(stage_file(f"cyclegan_r{st.round}"), SCRIPT, num_classes)["to_target"])
+        load_weights(to_target, load_checkpoint(output[f"cyclegan_r{st.round}"], SCRIPT, num_classes)["to_target"])
         to_target.to(rt.device).eval()
-        os.makedirs(translated_dir(st.round), exist_ok=True)
+        folder = folder_of(st.name)
         dataset = SegDataset(source_train, eval_size=source_size, with_label=False)
         for image, _, index in tqdm(eval_loader(dataset, rt.rank, rt.world, args.num_workers), disable=not rt.is_main,
                                     desc=f"{SCRIPT} {st.name}", dynamic_ncols=True):
             with rt.autocast():
                 fake = translate(to_target, normalize(image.to(rt.device), "gan"))
             pixels = ((fake[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0)
-            Image.fromarray(pixels.cpu().numpy()).save(
-                os.path.join(translated_dir(st.round), source_train.item_name(int(index[0])) + ".png"))
+            name = source_train.item_name(int(index[0])) + ".png"
+            Image.fromarray(pixels.cpu().numpy()).save(os.path.join(folder, name))
         rt.barrier()
-        set_records(stage=st, images=len(source_train))
+        if rt.is_main:
+            save_json(output[st.name], {"images": len(source_train)})
 
     # ALGO LOGIC: pseudo labels of the target train split from the previous segmentation stage
     def run_pseudo(st):
         net = segmenter_from(f"seg_r{st.round}_s{st.ssl_round - 1}").eval()
-        os.makedirs(pseudo_dir(st.round, st.ssl_round), exist_ok=True)
-        with rt.autocast():
-            thresholds = generate_pseudo_labels(lambda x: net(to_input(x))[1], target_train, target_size,
-                                                pseudo_dir(st.round, st.ssl_round), rt, num_classes,
-                                                args.pseudo_max_threshold, args.num_workers)
+        folder = folder_of(st.name)
+
+        def predict(images):
+            with rt.autocast():
+                return net(to_input(images))[1]
+
+        thresholds = generate_pseudo_labels(predict, target_train, target_size, folder, rt, num_classes,
+                                            args.pseudo_max_threshold, args.num_workers)
         if rt.is_main:
-            save_json(os.path.join(pseudo_dir(st.round, st.ssl_round), "thresholds.json"), dict(zip(classes, thresholds)))
-        set_records(stage=st, images=len(target_train), thresholds=thresholds)
+            save_json(output[st.name], dict(zip(classes, thresholds)))
 
     # ALGO LOGIC: S^k_i, the segmenter on translated source + adversarial (+ pseudo-labelled target if i > 0)
-    def run_seg(st, evaluate_at_end=True):
+    def run_seg(st):
         seed_everything(args.seed + 1000 * st.index, args.torch_deterministic)
-        previous = [p for p in plan[:st.index] if p.kind == "seg"]
-        if args.seg_init == "previous" and previous:
-            net = segmenter_from(previous[-1].name)
+        earlier = [p for p in plan[:st.index] if p.kind == "seg"]
+        chained = args.seg_init == "previous"
+        if chained and earlier:
+            net = segmenter_from(earlier[-1].name)
         else:
-            net = DeepLabV2(args.backbone, num_classes, args.multi_level, args.aspp_branches, args.bn_mode)
+            net = new_segmenter()
             load_init(net, args.init, args.backbone)
             net.to(rt.device, memory_format=channels_last)
         optimizer = torch.optim.SGD(net.param_groups(args.lr, args.head_lr_mult), lr=args.lr, momentum=args.momentum,
                                     weight_decay=args.weight_decay)
         disc = FCDiscriminator(num_classes).to(rt.device, memory_format=channels_last)
         d_optimizer = torch.optim.Adam([{"params": disc.parameters(), "lr_mult": 1.0}], lr=args.lr_d, betas=(0.9, 0.99))
-        start = 0
-        if resumes(st):
-            load_weights(net, resume_ckpt["model"])
-            optimizer.load_state_dict(resume_ckpt["optimizer"])
-            disc.load_state_dict(resume_ckpt["disc_main"])
-            d_optimizer.load_state_dict(resume_ckpt["optimizer_d_main"])
-            rt.scaler.load_state_dict(resume_ckpt["scaler"])
-            set_rng_state(resume_ckpt["rng"])
-            start = resume_ckpt["iter"]
-        # chained stages continue one sample stream and (seg_init previous) one poly schedule
-        offset = st.seg_offset if args.seg_init == "previous" else 0
+        parts = dict(model=net, optimizer=optimizer, disc_main=disc, optimizer_d_main=d_optimizer, scaler=rt.scaler)
+        start = restore(st, parts)
+        # the sample streams continue over the stages; chained stages also continue one poly schedule
+        offset = sum(p.length for p in earlier)
+        lr_offset, horizon = (offset if chained else 0), args.poly_horizon or st.length
         source_set = CachedDataset(source_train, TrainTransform(size=source_size, crop=args.crop_size),
-                                   image_dir=translated_dir(st.round), split_labels=True)
+                                   image_dir=os.path.dirname(output[f"translate_r{st.round}"]), split_labels=True)
         target_set = CachedDataset(target_train, TrainTransform(size=target_size, crop=args.crop_size),
-                                   label_dir=pseudo_dir(st.round, st.ssl_round) if st.ssl_round else None)
-        source_batches = train_loader(source_set, per_rank_batch, args.seed + rt.rank, st.seg_offset + start,
+                                   label_dir=os.path.dirname(output[st.name.replace("seg", "pseudo")]) if st.ssl_round
+                                   else None)
+        source_batches = train_loader(source_set, per_rank_batch, args.seed, offset + start, rt.rank, rt.world,
                                       num_workers=args.num_workers, pin_memory=pin)
-        target_batches = train_loader(target_set, per_rank_batch, args.seed + 100_003 + rt.rank, st.seg_offset + start,
-                                      num_workers=args.num_workers, pin_memory=pin)
+        target_batches = train_loader(target_set, per_rank_batch, args.seed + 100_003, offset + start, rt.rank,
+                                      rt.world, num_workers=args.num_workers, pin_memory=pin)
         train_model, train_disc = rt.wrap(net), rt.wrap(disc)
         # DDP: the source backward accumulates locally, the target backward all-reduces the sum (style.md 8.1)
         source_no_sync = getattr(train_model, "no_sync", contextlib.nullcontext)
 
-        def checkpoint(it):
-            if rt.is_main:
-                save_checkpoint(log.path("checkpoints", "last.pt"), stage_state(
-                    st, it, model=net.state_dict(), optimizer=optimizer.state_dict(), disc_main=disc.state_dict(),
-                    optimizer_d_main=d_optimizer.state_dict(), scaler=rt.scaler.state_dict(), rng=rng_state()))
-
         running = {}
-        log.start_loop(st.seg_offset + start)
+        log.start_loop(offset + start)
         progress = tqdm(range(start, st.length), initial=start, total=st.length, disable=not rt.is_main,
                         desc=f"{SCRIPT} {st.name}", dynamic_ncols=True)
         for it in progress:
-            lr = poly_lr(args.lr, offset + it, args.poly_horizon, args.poly_power)
+            lr = poly_lr(args.lr, lr_offset + it, horizon, args.poly_power)
             set_lr(optimizer, lr)
-            set_lr(d_optimizer, poly_lr(args.lr_d, offset + it, args.poly_horizon, args.poly_power))
+            set_lr(d_optimizer, poly_lr(args.lr_d, lr_offset + it, horizon, args.poly_power))
             optimizer.zero_grad(set_to_none=True)
             d_optimizer.zero_grad(set_to_none=True)
             images, labels, _ = next(source_batches)
@@ -1055,47 +1073,43 @@ def main():
                 running[k] = running.get(k, 0.0) + v.detach()
             done = it + 1
             if done % args.log_every == 0 or done % args.checkpoint_every == 0 or done == st.length:
-                scalars = log.check_and_log(st.seg_offset + done, running, lr, args.batch_size, progress,
+                scalars = log.check_and_log(offset + done, running, lr, args.batch_size, progress,
                                             write=done % args.log_every == 0 or done == st.length,
                                             round=st.round, ssl_round=st.ssl_round)
                 running = {} if scalars is not None else running
             if args.eval_every and done % args.eval_every == 0 and done != st.length:
-                log.log_eval(st.seg_offset + done, evaluate_model(net))
+                log.log_eval(offset + done, evaluate_model(net))
             if done % args.checkpoint_every == 0 or done == st.length:
-                checkpoint(done)
-        if evaluate_at_end:
-            log.log_eval(st.seg_offset + st.length, evaluate_model(net))
-        if rt.is_main:
-            save_checkpoint(stage_file(st.name), stage_state(st, st.length, model=net.state_dict()))
-        set_records(stage=st, iters=st.length)
-        return net
+                save(st, done, rng=rng_state(), **{k: v.state_dict() for k, v in parts.items()})
+        if st is not final_stage:  # the final stage's evaluation is the final evaluation
+            log.log_eval(offset + st.length, evaluate_model(net))
+        save(st, st.length, output[st.name], model=net.state_dict())
 
-    # ALGO LOGIC: run the plan (or the one --stage), skipping stages whose outputs are cached
-    if selected is None:
-        todo = next((plan[n:] for n, st in enumerate(plan) if not is_done(st)), [])
-        final_stage = plan[-1]
-    else:
-        missing = next((st for st in plan[:selected.index] if not is_done(st)), None)
-        if missing is not None:
-            raise UserError(f"--stage {args.stage} --round {args.round} --ssl-round {args.ssl_round} needs stage "
-                            f"{missing.name} first (run --stage all, or that stage)")
-        todo, final_stage = [selected], selected
-    if todo:
-        set_records(drop_from=todo[0])
-    final_net = None
+    # ALGO LOGIC: run the stages whose output is missing; a stage's run makes the later outputs stale
+    final_stage = todo[-1]
     for st in todo:
+        if os.path.exists(output[st.name]):
+            if rt.is_main:
+                tqdm.write(f"stage {st.name}: done ({output[st.name]})")
+            continue
+        missing = next((p.name for p in plan[:st.index] if not os.path.exists(output[p.name])), None)
+        if missing:
+            raise UserError(f"stage {st.name} needs stage {missing} first (run --stage all, or that stage)")
         if rt.is_main:
-            tqdm.write(f"stage {st.name}" + (f" (resumed at {resume_ckpt['iter']})" if resumes(st) else ""))
-        if st.kind == "seg":
-            final_net = run_seg(st, evaluate_at_end=st is not final_stage)
-        else:
-            {"cyclegan": run_cyclegan, "translate": run_translate, "pseudo": run_pseudo}[st.kind](st)
+            for later in plan[st.index + 1:]:
+                if os.path.exists(output[later.name]):
+                    os.remove(output[later.name])
+            resumed = resume_ckpt is not None and resume_ckpt["stage"] == st.name
+            tqdm.write(f"stage {st.name}" + (f" (resumed at {resume_ckpt['iter']})" if resumed else ""))
+        rt.barrier()
+        {"cyclegan": run_cyclegan, "translate": run_translate, "seg": run_seg, "pseudo": run_pseudo}[st.kind](st)
+        resume_ckpt = None  # last.pt can only continue the first stage that runs
+        rt.barrier()  # rank 0 wrote the stage's output: every rank sees it before checking the next stage
 
     # TRY NOT TO MODIFY: final evaluation
     if final_stage.kind == "seg":
-        final_net = final_net or segmenter_from(final_stage.name)
-        total_iters = final_stage.seg_offset + final_stage.length
-        summary = evaluate_model(final_net, final=True)
+        total_iters = sum(st.length for st in plan[:final_stage.index + 1] if st.kind == "seg")
+        summary = evaluate_model(segmenter_from(final_stage.name), final=True)
         log.log_eval(total_iters, summary)
         log.write_results(summary, total_iters, stage=final_stage.name)
     log.close()
