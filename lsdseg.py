@@ -58,9 +58,9 @@ official relative scale. metrics.jsonl logs the per-cell means (ignored cells co
 L1, before these factors and before the weights.
 The L1 reconstruction term is in effect off, in the official reduction as here (both reductions divide
 every term by constants, so the ratio is the same): a mean over 3HW elements beside CE sums over D's cells,
-its gradient on G is 1.5e-3 of G's total at 96x192 (quick run, iteration 100; benchmarks/lsdseg_grad_ratio.py,
-benchmarks/lsdseg.md) and shrinks as 1/(H*W) at larger frames, so G is driven by D's class head and
-real/fake terms; `--l1-weight` keeps the published 1.0 and reproduces that.
+its gradient norm on G is 2.7e-5 of G's total at 640x320 (paper widths, at initialisation) and 1.5e-3 at
+96x192 (quick preset, iteration 100) (benchmarks/lsdseg_grad_ratio.py, benchmarks/lsdseg.md), so G is driven
+by D's class head and real/fake terms; `--l1-weight` keeps the published 1.0 and reproduces that.
 
 Update order on current PyTorch: the official code backpropagates L_G and L_F through graphs whose D (and G)
 had already been stepped, which current PyTorch refuses (in-place modification). Here F runs once per
@@ -95,9 +95,10 @@ Deviations from the official code:
   logits like the other scripts (`--eval-upsample bilinear`, so the toy comparison shares one protocol)
   (benchmarks/lsdseg.md), and 10x the published weights of F's adaptation terms (`--adv-weight 1 --c-weight
   1`): with the official reduction the published 0.1 gives F an adaptation gradient of 0.6-2 % of its
-  segmentation gradient, too small to act within 400 iterations; 10x gives 6-20 %, the band adaptsegnet.py's
-  quick preset uses (benchmarks/lsdseg_grad_ratio.py, benchmarks/lsdseg.md). G's weights stay the published
-  ones. `--preset paper` keeps 0.1 / 0.1.
+  segmentation gradient, too small to act within 400 iterations; 10x gives 6-20 % at iteration 400, the band
+  adaptsegnet.py's quick preset uses (0.2 % at iteration 100, while the CE gradient is still large;
+  benchmarks/lsdseg_grad_ratio.py, benchmarks/lsdseg.md). G's weights stay the published ones. `--preset
+  paper` keeps 0.1 / 0.1.
 `--adv-weight 0 --c-weight 0` trains the same F + C on source only (G and D are skipped).
 Docs: README.md, section "Methods"; benchmarks/lsdseg.md.
 """
