@@ -66,6 +66,7 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -74,8 +75,8 @@ from tqdm import tqdm
 
 from common.checkpoint import load_checkpoint, load_weights, resume_path, rng_state, save_checkpoint, set_rng_state
 from common.cli import UserError, guard, parse_args
-from common.data import SegDataset, TrainTransform, class_setup, domain_split, eval_loader, normalize, resize_pair, \
-    train_loader
+from common.data import (SegDataset, TrainTransform, class_setup, domain_split, eval_loader, normalize, resize_pair,
+                         train_loader)
 from common.metrics import evaluate_target
 from common.runlog import RunLog, param_counts, save_json
 from common.runtime import Runtime, resolve_out_dir, seed_everything, share_run_dir
@@ -661,52 +662,25 @@ class TargetViews(torch.utils.data.Dataset):
         patch = scaled[y0:y0 + ch, x0:x0 + cw]
         weak[:patch.shape[0], :patch.shape[1]] = patch
         flip, strong_flip = rng.random() < 0.5, rng.random() < 0.5
-        weak = weak[:, ::-1] if flip else weak
-        out, cut = {"index": index}, [0, 0, 0, 0]
+        images = {"full": full, "weak": weak[:, ::-1] if flip else weak}
+        cut = [0, 0, 0, 0]
         if "strong" in self.views:
-            strong = Image.fromarray(np.ascontiguousarray(weak[:, ::-1] if strong_flip else weak))
+            strong = Image.fromarray(np.ascontiguousarray(images["weak"][:, ::-1] if strong_flip else images["weak"]))
             for op in rng.integers(0, len(RANDAUGMENT_OPS), self.ops):
                 if rng.random() < 0.5:
                     strong = RANDAUGMENT_OPS[op](strong, int(rng.integers(1, 10)))
-            strong = np.array(strong)
+            images["strong"] = strong = np.array(strong)
             side, cy, cx = min(ch, cw) // 3, rng.uniform(0, ch), rng.uniform(0, cw)  # always-on Cutout, gray 127
             cy0, cx0 = int(max(cy - side / 2, 0)), int(max(cx - side / 2, 0))  # CutoutAbs: shrinks only at the far
             cut = [cy0, cx0, min(cy0 + side, ch), min(cx0 + side, cw)]  # edge; PIL's rectangle fills its far corner
             strong[cut[0]:cut[2] + 1, cut[1]:cut[3] + 1] = 127
-            out["strong"] = strong
-        if "weak" in self.views:
-            out["weak"] = weak
-        if "full" in self.views:
-            out["full"] = full
-        out = {k: torch.from_numpy(np.ascontiguousarray(v.transpose(2, 0, 1))) if isinstance(v, np.ndarray) else v
-               for k, v in out.items()}
+        out = {k: torch.from_numpy(np.ascontiguousarray(images[k].transpose(2, 0, 1))) for k in self.views}
         out["geom"] = torch.tensor([sh, sw, y0, x0, ch, cw, flip, strong_flip, *cut], dtype=torch.float32)
-        return out
-
-
-def assert_same_on_ranks(rt, name, *tensors):
-    """DDP: prototypes and the EMA model must stay identical on every rank (sums compared by min/max reduce)."""
-    if not rt.distributed:
-        return
-    probe = torch.stack([t.detach().double().sum() for t in tensors] + [t.detach().double().abs().sum()
-                                                                        for t in tensors])
-    lo, hi = rt.all_reduce(probe.clone(), torch.distributed.ReduceOp.MIN), rt.all_reduce(
-        probe.clone(), torch.distributed.ReduceOp.MAX)
-    if not torch.equal(lo, hi):
-        raise RuntimeError(f"{name} differ between ranks")
-    if rt.is_main:
-        tqdm.write(f"{name}: identical on all {rt.world} ranks")
+        return {**out, "index": index}
 
 
 # ----------------------------------------------------------------------------------------------------
 STAGES = ("warmup", "stage1", "stage2", "stage3")
-
-
-def open_rows(path, mode="r", shape=None, dtype=None):
-    """A .npy file as a memory map: pseudo-labels are written and read row by row, never held whole."""
-    if mode == "w+":
-        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-    return np.load(path, mmap_mode=mode)
 
 
 def parse_proda_args(argv=None):
@@ -852,9 +826,9 @@ def main():
             if rt.is_main:
                 os.makedirs(folder, exist_ok=True)
                 for k, (shape, dtype) in arrays.items():
-                    open_rows(paths[k], "w+", (n, *shape), dtype).flush()
+                    np.lib.format.open_memmap(paths[k], "w+", dtype, (n, *shape)).flush()
             rt.barrier()
-            rows = {k: open_rows(p, "r+") for k, p in paths.items()}
+            rows = {k: np.load(p, mmap_mode="r+") for k, p in paths.items()}
             frames = SegDataset(target_train, eval_size=target_size, with_label=False, eval_interpolation="bilinear")
             with torch.no_grad():
                 for image, _, index in tqdm(eval_loader(frames, rt.rank, rt.world, args.num_workers, n), desc=desc,
@@ -867,7 +841,7 @@ def main():
             if rt.is_main:
                 save_json(done, {"frames": n, **{k: list(s) for k, (s, _) in arrays.items()}, **extra})
             rt.barrier()
-        return {k: open_rows(p) for k, p in paths.items()}
+        return {k: np.load(p, mmap_mode="r") for k, p in paths.items()}  # read row by row, never held whole
 
     def prepare_soft_labels(net, norm, folder):
         """Prep a+b: warm-up softmax of every target frame at stride 8 (float16) and the prototypes, image-weighted
@@ -931,7 +905,7 @@ def main():
             rt.scaler.load_state_dict(resume_ckpt["scaler"])
             set_rng_state(resume_ckpt["rng"])
             restore(resume_ckpt)
-            start_iter, best_miou = resume_ckpt["iter"], resume_ckpt["best_miou"]
+            start_iter, best_miou = resume_ckpt["iter"], resume_ckpt.get("best_miou", -1.0)
             print(f"resumed {stage} from {ckpt_path} at iteration {start_iter}")
         source_batches, target_batches = loaders(stage, start_iter, views)
 
@@ -1072,7 +1046,13 @@ def main():
             return losses
 
         def state():
-            assert_same_on_ranks(rt, "prototypes and EMA weights", prototypes, *ema.parameters())
+            if rt.distributed:  # the closed-form prototype update and the EMA must leave every rank identical
+                probe = torch.stack([t.double().sum() for t in (prototypes, *ema.parameters())])
+                lo, hi = (rt.all_reduce(probe.clone(), op) for op in (dist.ReduceOp.MIN, dist.ReduceOp.MAX))
+                if not torch.equal(lo, hi):
+                    raise RuntimeError("prototypes or EMA weights differ between ranks")
+                if rt.is_main:
+                    tqdm.write(f"prototypes and EMA weights: identical on all {rt.world} ranks")
             return {"ema": ema.state_dict(), "prototypes": prototypes}
 
         def restore(ckpt):
