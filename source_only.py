@@ -202,9 +202,8 @@ class ASPP(nn.Module):
         super().__init__()
         self.convs = nn.ModuleList(nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d)
                                    for d in (6, 12, 18, 24)[:branches])
-        for conv in self.convs:
+        for conv in self.convs:  # weights N(0, 0.01); biases keep PyTorch's default init, as the official code
             nn.init.normal_(conv.weight, 0, 0.01)
-            nn.init.zeros_(conv.bias)
 
     def forward(self, x):
         return sum(conv(x) for conv in self.convs)
@@ -356,6 +355,8 @@ def prepare_weights(args, ckpt_path, script, num_classes) -> Optional[dict]:
     """Read the file of --eval-only --weights or --init (not when resuming), apply the flags it implies
     (typed flags win), resolve --stride-on auto, print one line on what was recognised."""
     found = None
+    if args.weights and not args.eval_only:
+        raise UserError("--weights is read by --eval-only; to start training from a file use --init PATH")
     if args.eval_only:
         if len(args.weights) != 1:
             raise UserError("--eval-only needs exactly one --weights PATH")
@@ -471,13 +472,14 @@ def main():
     eval_size = args.eval_size or args.target_size or target_val.paper_size
 
     def evaluate_model(final=False):
+        rt.share_buffers(model)  # rank 0's BN statistics on every rank: the network its checkpoint holds
         model.eval()
         with torch.no_grad(), rt.autocast():
             summary = evaluate_target(lambda x: model(to_input(x))[1], target_val, rt, align_corners=True, log=log,
                                       num_predictions=args.num_predictions if final else 0, limit=args.eval_limit,
                                       eval_size=eval_size, pred_map=pred_map,
                                       synthia_protocols=args.source == "synthia" and len(eval_classes) == 19,
-                                      save_dir=args.save_predictions if final else None)
+                                      save_dir=args.save_predictions if final else None, num_workers=args.num_workers)
         model.train()
         return summary
 

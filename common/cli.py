@@ -92,6 +92,8 @@ def parse_args(cls, presets: dict, argv=None, description: str = ""):
     for f in dataclasses.fields(cls):
         given = ns.get(f.name, _UNSET)
         if given is not _UNSET and not (given is None and f.name in parser.append_fields):
+            if isinstance(given, list) and None in given and given != [None]:
+                parser.error(f"--{f.name.replace('_', '-')}: 'none' cannot be combined with other values")
             values[f.name] = None if given == [None] else given  # `--crop-size none`
         elif f.name in chosen:
             values[f.name] = chosen[f.name]

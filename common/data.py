@@ -321,6 +321,8 @@ def class_setup(source, target, synthia_classes=19):
     16-way SYNTHIA head evaluated on Cityscapes, whose predictions pred_map sends into the 19 train ids."""
     if synthia_classes not in (16, 19):
         raise UserError("--synthia-classes must be 19 or 16")
+    if synthia_classes == 16 and source != "synthia":
+        raise UserError(f"--synthia-classes 16 is the 16-way head of a SYNTHIA source; the source is '{source}'")
     classes, eval_classes = classes_of(source, synthia_classes), classes_of(target)
     if classes == eval_classes:
         return classes, eval_classes, None

@@ -74,6 +74,15 @@ class Runtime:
             dist.all_reduce(tensor, op=op)
         return tensor
 
+    def share_buffers(self, *modules):
+        """Every rank takes rank 0's buffers (BN running statistics): each rank's statistics come from its own
+        share of the batches, and evaluation (sharded over ranks) must score the network rank 0 checkpoints
+        (mmcv's DistEvalHook does the same). The buffers live on the run's device."""
+        if self.distributed:
+            for module in modules:
+                for buffer in module.buffers():
+                    dist.broadcast(buffer, src=0)
+
     def barrier(self):
         if self.distributed:
             dist.barrier()

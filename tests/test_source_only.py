@@ -195,6 +195,17 @@ def test_two_processes_equal_one_process_with_the_whole_batch(tmp_path):
         json.loads((single / "results.json").read_text())["per_class_iou"]
 
 
+def test_sharded_evaluation_scores_the_checkpointed_network(tmp_path):
+    """Train-mode BN: each rank's running statistics come from its own images; the final (sharded) evaluation of a
+    torchrun run must score what rank 0 checkpoints, i.e. equal --eval-only of that checkpoint in one process."""
+    out = tmp_path / "ddp"
+    torchrun(*QUICK, "--iters", "2", "--batch-size", "2", "--out", out)
+    again = tmp_path / "again"
+    run_script(*QUICK, "--eval-only", "--weights", str(out / "checkpoints" / "last.pt"), "--out", str(again), check=True)
+    assert json.loads((out / "results.json").read_text())["per_class_iou"] == \
+        json.loads((again / "results.json").read_text())["per_class_iou"]
+
+
 def test_train_step_matches_an_independent_reference():
     """Two real iterations of main()'s step against a hand-written one: CE(main) + 0.1 CE(aux) on logits
     upsampled to the labels (align_corners=True, mean over non-255 pixels), SGD with momentum 0.9, weight decay
