@@ -29,8 +29,8 @@ SCRIPTS = ["source_only", "fcn_wild", "adaptsegnet", "advent", "lsdseg", "bdl", 
            "daformer"]
 # top-level definitions compared against their owner script
 SHARED_DEFINITIONS = {
-    "source_only": ["BasicBlock", "Bottleneck", "RESNETS", "ASPP", "DeepLabV2", "load_init", "seg_loss", "poly_lr",
-                    "set_lr"],
+    "source_only": ["BasicBlock", "Bottleneck", "RESNETS", "ASPP", "DeepLabV2", "read_weights", "resnet_of",
+                    "load_init", "prepare_weights", "seg_loss", "poly_lr", "set_lr"],
     "adaptsegnet": ["FCDiscriminator", "SOURCE_LABEL", "gan_loss", "discriminator_loss", "generator_loss",
                     "set_requires_grad", "softmax_at"],
 }
@@ -63,8 +63,9 @@ EXCEPTIONS = {
     ("self_regulation", "evaluation"): ("extends", "the checkpoint also holds the side exits"),
     ("daformer", "run folder, dry run, resume"): ("extends", "resumes the EMA teacher and the ImageNet feature "
                                                              "model"),
-    ("daformer", "evaluation"): ("differs", "mmseg's protocol: logits resized to the input first, align_corners "
-                                            "False; the checkpoint also holds the EMA teacher"),
+    ("daformer", "evaluation"): ("differs", "mmseg's protocol: mmcv-bilinear input resize, logits resized to the "
+                                            "input first, align_corners False; the checkpoint also holds the EMA "
+                                            "teacher and the FD encoder"),
     ("daformer", "training loop"): ("extends", "linear learning-rate warm-up on top of the poly schedule"),
     ("bdl", "run folder, dry run, resume"): ("differs", "a multi-stage pipeline: resumes the stage in progress "
                                                         "(CycleGAN or segmentation) and skips cached stages"),
