@@ -46,8 +46,10 @@ EXCEPTIONS = {
                                          "convolutions, not a DeepLab-v2 ResNet"),
     ("lsdseg", "run folder, dry run, resume"): ("extends", "resumes the generator, the discriminator and their "
                                                            "Adams"),
-    ("lsdseg", "evaluation"): ("extends", "the checkpoint also holds the generator, the discriminator and their "
-                                          "Adams"),
+    ("lsdseg", "evaluation"): ("differs", "the official protocol: predict_nearest (Lanczos input at --eval-size, "
+                                          "argmax there, label map nearest-resized to the label size; "
+                                          "evaluate_target gets eval_size None and interpolation lanczos); the "
+                                          "checkpoint also holds the generator, the discriminator and their Adams"),
     ("daformer", "load_init"): ("differs", "MiT/pvt_v2 encoder from timm (and mmseg checkpoints), not a ResNet"),
     ("fcn_wild", "run folder, dry run, resume"): ("extends", "resumes the domain classifier and one Adam per "
                                                              "objective"),
