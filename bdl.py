@@ -37,8 +37,9 @@ Deviations from the official code:
 - ASPP sums 4 branches and init is torchvision ImageNet (source_only.py defaults; BDL.py after 37af0e7).
 - `--iters` is each round's first segmentation stage (80k), `--ssl-iters` each later one (120k); every
   segmentation stage restarts from `--init` and its own poly schedule (README `--init-weights`) unless
-  `--seg-init previous`. BDL.py tests its stop every 100 iterations, so runs 100 past the snapshot it keeps; we
-  stop at the snapshot. K=2, N=2 and the stage order follow paper Table 2 (the code runs one stage per command).
+  `--seg-init previous`. BDL.py:108-113 tests its stop every 100 iterations, so runs 100 past the snapshot it
+  keeps; we stop at the snapshot. K=2, N=2 and the stage order follow paper Table 2 (the code runs one stage per
+  command).
 - CycleGAN: an epoch is one pass over the larger domain at `--cyclegan-batch`, rounded up (6,242 iterations for
   GTA5); the schedule keeps the official off-by-one (networks.py get_scheduler stepped at each epoch's end:
   the decay starts in epoch 10, the last epoch runs at lr 0); target crops come from a shuffled stream
@@ -48,7 +49,7 @@ Deviations from the official code:
   where bf16 is missing) with TF32 matmuls by default; the paper trained in fp32 (`--no-amp` gives fp32).
   Losses, softmax, the perceptual loss's instance norm, pseudo-label confidences, argmax and per-class
   histograms and thresholds, and the evaluation upsampling and argmax are computed in fp32.
-- Resizing: images bicubic (PIL), as the official loaders (gta5_dataset.py:37, cityscapes_dataset.py:83,
+- Resizing: images bicubic (PIL), as the official loaders (gta5_dataset.py:37, cityscapes_dataset.py:32,
   CycleGAN's __scale_width); labels nearest.
 - `--batch-size` is the global batch; under torchrun it is split over the processes (one seeded sample
   stream, rank r takes every world-th sample: 2 processes x batch 1 see what 1 process x batch 2 sees).
@@ -773,6 +774,11 @@ def main():
             or min(args.iters, args.ssl_iters, args.cyclegan_epoch_iters or 1) < 1):
         raise UserError("--outer-rounds, every stage's iterations and the CycleGAN epochs must be >= 1, "
                         "--ssl-rounds >= 0")
+    idle = ({"lambda_perceptual", "lambda_perceptual_rec"} if args.outer_rounds == 1 else set()) | (
+        {"ssl_iters", "pseudo_max_threshold"} if args.ssl_rounds == 0 else set())  # no stage would read them
+    if idle & args.given and not args.eval_only:
+        raise UserError(f"{' '.join('--' + n.replace('_', '-') for n in sorted(idle & args.given))}: no effect with "
+                        f"--outer-rounds {args.outer_rounds} --ssl-rounds {args.ssl_rounds}")
     plan = stage_plan(args)
     if horizon_to_end:  # one schedule over the chained stages, else each stage's own (run_seg)
         args.poly_horizon = sum(st.length for st in plan if st.kind == "seg") if args.seg_init == "previous" else None

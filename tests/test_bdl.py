@@ -368,6 +368,10 @@ def test_every_field_has_help_and_acts():
         main("--round", 2, "--out", "unused")
     with pytest.raises(UserError, match="is not in the plan"):
         main("--stage", "cyclegan", "--ssl-round", 1, "--out", "unused")
+    with pytest.raises(UserError, match="^--lambda-perceptual: no effect with --outer-rounds 1"):
+        main("--outer-rounds", 1, "--lambda-perceptual", 1, "--out", "unused")
+    with pytest.raises(UserError, match="^--pseudo-max-threshold --ssl-iters: no effect with .* --ssl-rounds 0"):
+        main("--ssl-rounds", 0, "--ssl-iters", 5, "--pseudo-max-threshold", 0.5, "--out", "unused")
 
 
 def test_dry_run_resolves_the_chained_schedule(tmp_path):
