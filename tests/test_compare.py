@@ -74,8 +74,10 @@ def test_compare_runs_controls_writes_report_and_does_not_rerun(tmp_path):
     adabn_config = json.loads((root / "source_only+adabn" / "seed0" / "config.json").read_text())
     source_config = json.loads((root / "source_only" / "seed0" / "config.json").read_text())
     assert adabn_config["script"] == "source_only" and adabn_config["args"]["eval_only"]
-    assert {k: v for k, v in adabn_config["args"].items() if k not in ("eval_only", "weights", "out")} == \
-        {k: v for k, v in source_config["args"].items() if k not in ("eval_only", "weights", "out")}
+    own = ("eval_only", "weights", "out", "normalization")  # normalisation: passed as the run resolved it
+    assert {k: v for k, v in adabn_config["args"].items() if k not in own} == \
+        {k: v for k, v in source_config["args"].items() if k not in own}
+    assert adabn_config["normalization"] == source_config["normalization"] == "imagenet"
 
     report = tmp_path / "report"
     for name in ("table.md", "miou.png", "grid.png", "summary.json"):
