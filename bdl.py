@@ -812,6 +812,8 @@ def main():
         print(f"dry run: config written to {log.path('config.json')}")
         return
     start_iter, resume_ckpt = 0, None
+    if args.weights and not args.eval_only:
+        raise UserError("--weights is read by --eval-only; to start training from a file use --init PATH")
     if ckpt_path or args.eval_only:
         if args.eval_only and len(args.weights) != 1:
             raise UserError("--eval-only needs exactly one --weights PATH")
@@ -839,12 +841,14 @@ def main():
             logits = net(to_input(x))[1]
             return logits.float().softmax(1) if args.eval_upsample == "softmax" else logits
 
+        rt.share_buffers(net)  # rank 0's BN statistics on every rank: the network its checkpoint holds
         net.eval()
         with torch.no_grad(), rt.autocast():
             summary = evaluate_target(predict, target_val, rt, align_corners=True, log=log,
                                       num_predictions=args.num_predictions if final else 0, limit=args.eval_limit,
                                       eval_size=eval_size, pred_map=pred_map,
-                                      synthia_protocols=args.source == "synthia" and len(eval_classes) == 19)
+                                      synthia_protocols=args.source == "synthia" and len(eval_classes) == 19,
+                                      num_workers=args.num_workers)
         net.train()
         return summary
 
