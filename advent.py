@@ -475,6 +475,77 @@ def parse_advent_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: one training iteration per mode (main() calls them; tests/test_advent.py checks each against an
+# independently written reference step)
+def source_backward(model, rt, images, labels, lambda_seg_aux):
+    """Both modes' source half: CE(main) + lambda_seg_aux * CE(aux) on a normalised source batch, backward.
+    Under DDP without an all-reduce: the target backward all-reduces the accumulated sum (style.md 8.1).
+    Returns the losses and the source outputs {"aux", "main"}."""
+    with getattr(model, "no_sync", contextlib.nullcontext)():
+        with rt.autocast():
+            aux, main = model(images)
+        losses = {"seg_src": seg_loss(main, labels)}
+        if aux is not None:
+            losses["seg_aux"] = seg_loss(aux, labels)
+        loss = losses["seg_src"] + lambda_seg_aux * losses.get("seg_aux", 0.0)
+        rt.scaler.scale(loss).backward()
+    return losses, {"aux": aux, "main": main}
+
+
+def minent_step(model, optimizer, rt, images, labels, target_images, lambda_seg_aux, lambda_ent, top_fraction):
+    """MinEnt: source CE, then lambda_ent[level] * Ent(target output) at each level the model has (with
+    top_fraction, ER: each target image's highest-entropy pixels only), one SGD step for the sum."""
+    optimizer.zero_grad(set_to_none=True)
+    losses, _ = source_backward(model, rt, images, labels, lambda_seg_aux)
+    with rt.autocast():
+        aux, main = model(target_images)
+    losses["ent"] = entropy_loss(softmax_at(main, target_images.shape[-2:]), top_fraction)
+    loss = lambda_ent["main"] * losses["ent"]
+    if aux is not None:
+        losses["ent_aux"] = entropy_loss(softmax_at(aux, target_images.shape[-2:]), top_fraction)
+        loss = loss + lambda_ent["aux"] * losses["ent_aux"]
+    rt.scaler.scale(loss).backward()
+    rt.scaler.step(optimizer)
+    rt.scaler.update()
+    return losses
+
+
+def advent_step(model, discriminators, train_discriminators, optimizer, d_optimizers, rt, images, labels,
+                target_images, lambda_seg_aux, lambda_adv):
+    """AdvEnt, in AdaptSegNet's order: source CE; the segmenter's adversarial term sum_level lambda_adv[level] *
+    BCE(D_level(I_t), source) through the frozen, unwrapped discriminators; each D on detached self-information
+    maps (source 0, target 1, through train_discriminators: DDP-wrapped under torchrun); then every optimiser
+    steps. discriminators: {level: D} for the levels trained ("aux" and/or "main")."""
+    for d_optimizer in d_optimizers.values():
+        d_optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)
+    losses, source_out = source_backward(model, rt, images, labels, lambda_seg_aux)
+    with rt.autocast():
+        target_out = dict(zip(("aux", "main"), model(target_images)))
+    target_maps = {level: self_information(softmax_at(target_out[level], target_images.shape[-2:]))
+                   for level in discriminators}
+    set_requires_grad(discriminators.values(), False)  # the segmenter's term trains the segmenter only
+    with rt.autocast():
+        for level, disc in discriminators.items():
+            losses[f"adv_{level}"] = generator_loss(disc, target_maps[level])
+    loss = sum(lambda_adv[level] * losses[f"adv_{level}"] for level in discriminators)
+    rt.scaler.scale(loss).backward()
+    set_requires_grad(discriminators.values(), True)
+    source_maps = {level: self_information(softmax_at(source_out[level].detach(), images.shape[-2:]))
+                   for level in discriminators}  # no graph for D's input (discriminator_loss detaches too)
+    with rt.autocast():
+        for level in discriminators:
+            losses[f"d_{level}"] = discriminator_loss(train_discriminators[level], source_maps[level],
+                                                      target_maps[level])
+    rt.scaler.scale(sum(losses[f"d_{level}"] for level in discriminators)).backward()
+    rt.scaler.step(optimizer)
+    for d_optimizer in d_optimizers.values():
+        rt.scaler.step(d_optimizer)
+    rt.scaler.update()
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------------
 def main():
     args = parse_advent_args()  # ALGO LOGIC: parse_args plus the SYNTHIA recipe and the method-flag check
     # TRY NOT TO MODIFY: setup
@@ -497,6 +568,7 @@ def main():
                                 weight_decay=args.weight_decay)
     levels = ("aux", "main") if args.multi_level else ("main",)
     lambda_adv = {"aux": args.lambda_adv_aux, "main": args.lambda_adv_main}
+    lambda_ent = {"aux": args.lambda_ent_aux, "main": args.lambda_ent_main}
     discriminators = {level: FCDiscriminator(num_classes).to(
         rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
         for level in levels} if args.mode == "advent" else {}
@@ -599,8 +671,6 @@ def main():
                                   pin_memory=rt.device.type == "cuda")
     train_model = rt.wrap(model)
     train_discriminators = {level: rt.wrap(d) for level, d in discriminators.items()}
-    # DDP: the source backward accumulates locally, the target backward all-reduces the sum (style.md 8.1)
-    source_no_sync = getattr(train_model, "no_sync", contextlib.nullcontext)
 
     # TRY NOT TO MODIFY: training loop
     running = {}
@@ -611,56 +681,18 @@ def main():
         lr = poly_lr(args.lr, it, args.poly_horizon, args.poly_power)
         set_lr(optimizer, lr)
 
-        # ALGO LOGIC: one iteration (official order: source seg, target adversarial, discriminators, step all)
-        for d_optimizer in d_optimizers.values():
-            set_lr(d_optimizer, poly_lr(args.lr_d, it, args.poly_horizon, args.poly_power))
-            d_optimizer.zero_grad(set_to_none=True)
-        optimizer.zero_grad(set_to_none=True)
+        # ALGO LOGIC: one iteration (official order: source seg, target term, discriminators, step all)
         images, labels, _ = next(source_batches)
         target_images, _, _ = next(target_batches)
         labels = labels.to(rt.device, non_blocking=True).long()
-        # 1. source segmentation
-        with source_no_sync():
-            with rt.autocast():
-                aux, main = train_model(to_input(images))
-            losses = {"seg_src": seg_loss(main, labels)}
-            if aux is not None:
-                losses["seg_aux"] = seg_loss(aux, labels)
-            loss = losses["seg_src"] + args.lambda_seg_aux * losses.get("seg_aux", 0.0)
-            rt.scaler.scale(loss).backward()
-        # 2. target: minimise the entropy directly (minent) or fool the discriminators (advent)
-        with rt.autocast():
-            target_out = dict(zip(("aux", "main"), train_model(to_input(target_images))))
-        target_probs = {level: softmax_at(target_out[level], target_images.shape[-2:]) for level in levels}
-        if args.mode == "minent":  # all pixels, or with ER the highest-entropy fraction of each image
-            losses["ent"] = entropy_loss(target_probs["main"], args.entropy_top_fraction)
-            loss = args.lambda_ent_main * losses["ent"]
-            if "aux" in levels:
-                losses["ent_aux"] = entropy_loss(target_probs["aux"], args.entropy_top_fraction)
-                loss = loss + args.lambda_ent_aux * losses["ent_aux"]
-            rt.scaler.scale(loss).backward()
-        else:  # D sees self-information maps; frozen and unwrapped: no gradient, no DDP hook
-            target_maps = {level: self_information(prob) for level, prob in target_probs.items()}
-            set_requires_grad(discriminators.values(), False)
-            with rt.autocast():
-                for level in levels:
-                    losses[f"adv_{level}"] = generator_loss(discriminators[level], target_maps[level])
-            loss = sum(lambda_adv[level] * losses[f"adv_{level}"] for level in levels)
-            rt.scaler.scale(loss).backward()
-            set_requires_grad(discriminators.values(), True)
-            # 3. discriminators on the detached maps: source 0, target 1
-            source_maps = {level: self_information(softmax_at(out.detach(), images.shape[-2:]))
-                           for level, out in zip(("aux", "main"), (aux, main)) if level in levels}
-            with rt.autocast():
-                for level in levels:
-                    losses[f"d_{level}"] = discriminator_loss(train_discriminators[level], source_maps[level],
-                                                              target_maps[level])
-            rt.scaler.scale(sum(losses[f"d_{level}"] for level in levels)).backward()
-        # 4. step all
-        rt.scaler.step(optimizer)
-        for d_optimizer in d_optimizers.values():
-            rt.scaler.step(d_optimizer)
-        rt.scaler.update()
+        if args.mode == "minent":
+            losses = minent_step(train_model, optimizer, rt, to_input(images), labels, to_input(target_images),
+                                 args.lambda_seg_aux, lambda_ent, args.entropy_top_fraction)
+        else:
+            for d_optimizer in d_optimizers.values():
+                set_lr(d_optimizer, poly_lr(args.lr_d, it, args.poly_horizon, args.poly_power))
+            losses = advent_step(train_model, discriminators, train_discriminators, optimizer, d_optimizers, rt,
+                                 to_input(images), labels, to_input(target_images), args.lambda_seg_aux, lambda_adv)
 
         # TRY NOT TO MODIFY: logging, evaluation, checkpoints
         for k, v in losses.items():
