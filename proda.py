@@ -837,6 +837,7 @@ def main():
                         rows[k][int(index[0])] = row[0].cpu().numpy()
             for r in rows.values():
                 r.flush()
+            rt.barrier()  # every rank's rows are on disk before done.json says so
             extra = finish()
             if rt.is_main:
                 save_json(done, {"frames": n, **{k: list(s) for k, (s, _) in arrays.items()}, **extra})
