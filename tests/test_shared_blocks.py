@@ -69,9 +69,11 @@ EXCEPTIONS = {
                                             "input first, align_corners False; the checkpoint also holds the EMA "
                                             "teacher and the FD encoder"),
     ("daformer", "training loop"): ("extends", "linear learning-rate warm-up on top of the poly schedule"),
-    ("bdl", "run folder, dry run, resume"): ("differs", "a multi-stage pipeline: resumes the stage in progress "
-                                                        "(CycleGAN or segmentation) and skips cached stages"),
-    ("bdl", "evaluation"): ("differs", "evaluates the segmenter of the current stage"),
+    ("bdl", "run folder, dry run, resume"): ("differs", "a multi-stage pipeline: a stage is done when its output "
+                                                        "file exists; resumes the stage in progress (CycleGAN or "
+                                                        "segmentation)"),
+    ("bdl", "evaluation"): ("differs", "evaluates the segmenter of the current stage with rank 0's BN statistics; "
+                                      "--eval-upsample softmax upsamples the softmax as the official evaluation.py"),
     ("bdl", "logging, evaluation, checkpoints"): ("differs", "one checkpoint per stage, the stage name in it"),
     ("bdl", "final evaluation"): ("differs", "reports the last stage's segmenter and the total segmentation "
                                              "iterations over all stages"),
