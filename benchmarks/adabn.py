@@ -43,7 +43,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 from common.checkpoint import load_checkpoint, load_weights, save_checkpoint  # noqa: E402
-from common.cli import UserError, guard  # noqa: E402
+from common.cli import UserError, guard, parse_args  # noqa: E402
 from common.data import SegDataset, TrainTransform, domain_split, normalize, train_loader  # noqa: E402
 from common.runlog import save_json  # noqa: E402
 
@@ -104,13 +104,20 @@ def sha256_of(path):
 
 
 def eval_flags(module, run_args, overrides):
-    """The script's command-line flags that rebuild `run_args` (a checkpoint's args), with `overrides`."""
+    """The script's command-line flags that rebuild `run_args` (a checkpoint's args) with `overrides`: --preset
+    and every argument whose value differs from what that preset resolves to. Only those: a script may refuse
+    a typed flag that would do nothing in its mode (daformer.py --source-only with --ema-alpha, say)."""
+    wanted = {**run_args, **overrides}
+    preset = ["--preset", wanted["preset"]] if "preset" in wanted else []
+    resolved = parse_args(module.Args, module.PRESETS, preset)
     hints = typing.get_type_hints(module.Args)
     argv = []
     for f in dataclasses.fields(module.Args):
-        if not f.init or f.metadata.get("runtime") or f.name in NOT_PASSED or f.name not in run_args:
+        if not f.init or f.metadata.get("runtime") or f.name in NOT_PASSED or f.name not in wanted:
             continue
-        value = overrides.get(f.name, run_args[f.name])
+        value = wanted[f.name]
+        if f.name != "preset" and as_json(value) == as_json(getattr(resolved, f.name)):
+            continue
         flag = "--" + f.name.replace("_", "-")
         optional = type(None) in typing.get_args(hints[f.name])
         if isinstance(value, bool):
@@ -124,9 +131,13 @@ def eval_flags(module, run_args, overrides):
     return argv
 
 
+def as_json(value):
+    """A value as JSON would give it back: tuples and lists compare equal."""
+    return json.loads(json.dumps(value))
+
+
 def arguments_differ(run_args, eval_args):
     """One "name=value (run: value)" per argument the evaluation resolved differently from the run."""
-    as_json = lambda value: json.loads(json.dumps(value))  # noqa: E731  tuples and lists compare equal
     return [f"{k}={eval_args[k]!r} (run: {run_args[k]!r})" for k in run_args
             if k not in NOT_CHECKED and k in eval_args and as_json(eval_args[k]) != as_json(run_args[k])]
 

@@ -1,6 +1,7 @@
 """benchmarks/adabn.py: BN re-estimation changes only BN statistics, and they are the frames' batch statistics.
 (The tool end to end, on a trained run, is exercised by tests/test_compare.py's comparison run.)"""
 import copy
+import dataclasses
 import os
 import sys
 
@@ -102,12 +103,24 @@ def test_dropout_is_off_during_reestimation():
 
 
 def test_eval_flags_rebuild_the_arguments():
+    import daformer
     import source_only
+    from common.cli import parse_args
     args = {"source": "toy-synth", "target": "toy-real", "preset": "quick", "amp": False, "crop_size": None,
             "target_size": [32, 64], "lr": 0.0025, "weights": ["x.pt"], "out": "somewhere", "eval_limit": None}
     argv = adabn.eval_flags(source_only, args, {"eval_limit": 2})
-    assert argv == ["--source", "toy-synth", "--target", "toy-real", "--preset", "quick", "--crop-size", "none",
-                    "--lr", "0.0025", "--no-amp", "--target-size", "32", "64", "--eval-limit", "2"]
+    # only what differs from the preset: source, target, lr and crop_size are the quick preset's
+    assert argv == ["--preset", "quick", "--no-amp", "--target-size", "32", "64", "--eval-limit", "2"]
+    rebuilt = parse_args(source_only.Args, source_only.PRESETS, argv)
+    assert {k: getattr(rebuilt, k) for k in args if k not in ("weights", "out")} == \
+        {**{k: v for k, v in args.items() if k not in ("weights", "out")}, "eval_limit": 2}
+    # a whole config: daformer --source-only refuses typed flags that do nothing without the target, so
+    # the preset's values must not be typed
+    config = dataclasses.asdict(parse_args(daformer.Args, daformer.PRESETS, ["--preset", "quick", "--source-only",
+                                                                                "--crop-size", "64"]))
+    argv = adabn.eval_flags(daformer, config, {"normalization": "imagenet"})
+    assert argv == ["--preset", "quick", "--crop-size", "64", "--normalization", "imagenet", "--source-only"]
+    assert {**dataclasses.asdict(parse_args(daformer.Args, daformer.PRESETS, argv)), "normalization": "auto"} == config
     assert adabn.arguments_differ({"lr": 0.1, "target_size": (32, 64), "out": "a"},
                                   {"lr": 0.1, "target_size": [32, 64], "out": "b"}) == []
     assert adabn.arguments_differ({"lr": 0.1}, {"lr": 0.2}) == ["lr=0.2 (run: 0.1)"]
