@@ -57,10 +57,10 @@ EXCEPTIONS = {
                                             "objectives' optimisers"),
     ("adaptsegnet", "run folder, dry run, resume"): ("extends", "resumes the two discriminators and their Adams"),
     ("adaptsegnet", "evaluation"): ("extends", "the checkpoint also holds the discriminators and their Adams"),
-    ("advent", "run folder, dry run, resume"): ("differs", "--eval-only takes two --weights (the AdvEnt+MinEnt "
-                                                           "ensemble) and resumes the discriminators"),
-    ("advent", "evaluation"): ("differs", "evaluates predict(), which averages two models for the ensemble; the "
-                                          "checkpoint also holds the discriminators"),
+    ("advent", "run folder, dry run, resume"): ("extends", "records both files of the test-time ensemble, refuses "
+                                                           "a checkpoint of the other --mode, resumes the "
+                                                           "discriminators and their Adams"),
+    ("advent", "evaluation"): ("extends", "the checkpoint also holds the discriminators and their Adams"),
     ("self_regulation", "run folder, dry run, resume"): ("extends", "resumes the side exits"),
     ("self_regulation", "evaluation"): ("extends", "the checkpoint also holds the side exits"),
     ("daformer", "run folder, dry run, resume"): ("extends", "resumes the EMA teacher and the ImageNet feature "
