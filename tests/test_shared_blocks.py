@@ -42,10 +42,11 @@ SHARED_MARKED_BLOCKS = ["setup", "run folder, dry run, resume", "evaluation", "t
 EXCEPTIONS = {
     ("fcn_wild", "load_init"): ("differs", "VGG-16 front-end: torchvision VGG weights with fc6/fc7 reshaped into "
                                            "convolutions, not a DeepLab-v2 ResNet"),
-    ("lsdseg", "load_init"): ("differs", "VGG-16 FCN-8s: torchvision VGG weights with fc6/fc7 reshaped into "
-                                         "convolutions, not a DeepLab-v2 ResNet"),
-    ("lsdseg", "run folder, dry run, resume"): ("extends", "resumes the generator, the discriminator and their "
-                                                           "Adams"),
+    ("lsdseg", "load_init"): ("differs", "VGG-16 FCN-8s, not a DeepLab-v2 ResNet: torchvision VGG weights with "
+                                         "fc6/fc7 reshaped into convolutions; files come from read_fcn_weights"),
+    ("lsdseg", "run folder, dry run, resume"): ("differs", "--eval-only: an FCN-8s file must fit F exactly (no "
+                                                           "unsummed ASPP convs may be left over); resumes the "
+                                                           "generator, the discriminator and their Adams"),
     ("lsdseg", "evaluation"): ("differs", "the official protocol: predict_nearest (Lanczos input at --eval-size, "
                                           "argmax there, label map nearest-resized to the label size; "
                                           "evaluate_target gets eval_size None and interpolation lanczos); the "
