@@ -80,8 +80,8 @@ from tqdm import tqdm
 
 from common.checkpoint import load_checkpoint, load_weights, resume_path, rng_state, save_checkpoint, set_rng_state
 from common.cli import UserError, guard, parse_args
-from common.data import (NORMALIZATION, SegDataset, TrainTransform, class_setup, domain_split, eval_loader, normalize,
-                         read_image, read_label, resize_label, train_loader)
+from common.data import (NORMALIZATION, ResizedFrames, SegDataset, TrainTransform, class_setup, domain_split,
+                         eval_loader, normalize, read_image, read_label, resize_label, train_loader)
 from common.metrics import evaluate_target
 from common.runlog import RunLog, param_counts, save_json
 from common.runtime import Runtime, resolve_out_dir, seed_everything, share_run_dir
@@ -694,12 +694,16 @@ def generate_pseudo_labels(predict, split, size, out_dir, rt, num_classes, cap=0
 
 
 class CachedDataset(torch.utils.data.Dataset):
-    """Training items (image uint8 3xHxW, label uint8 HxW or empty, index) of `split`, with the image read from
-    a folder of translated PNGs and/or the label from a folder of pseudo-label PNGs (item name + .png)."""
+    """Training items (image uint8 3xHxW, label uint8 HxW or empty, index) of `split`: the image from a folder of
+    translated PNGs (already at the training size) or else the split's frames (ResizedFrames: a prepared copy when
+    one matches, README "Fast data loading"), the label from a folder of pseudo-label PNGs (item name + .png) or
+    the split's own labels (split_labels)."""
 
     def __init__(self, split, transform, image_dir=None, label_dir=None, split_labels=False):
         self.split, self.transform, self.image_dir, self.label_dir = split, transform, image_dir, label_dir
         self.split_labels = split_labels
+        self.frames = None if image_dir else ResizedFrames(split, transform.size, transform.keep_ratio,
+                                                           transform.interpolation, with_label=False)
 
     def __len__(self):
         return len(self.split)
@@ -707,11 +711,10 @@ class CachedDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, seed = key
         name = self.split.item_name(index) + ".png"
-        image = (read_image(os.path.join(self.image_dir, name)) if self.image_dir
-                 else self.split.load(index, with_label=False)[0])
+        image = read_image(os.path.join(self.image_dir, name)) if self.image_dir else self.frames(index)[0]
         label = (read_label(os.path.join(self.label_dir, name)) if self.label_dir
                  else self.split.load_label(index) if self.split_labels else None)
-        if label is not None and label.shape != image.shape[:2]:  # a translated image is already resized
+        if label is not None and label.shape != image.shape[:2]:  # the image is already at the training size
             label = resize_label(label, image.shape[:2])
         image, label = self.transform(image, label, np.random.default_rng(seed))
         image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
@@ -749,6 +752,81 @@ def stage_plan(args):
     for n, st in enumerate(plan):
         st.index = n
     return plan
+
+
+# ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: one iteration of each training stage (main()'s stages call them; tests/test_bdl.py checks each against
+# an independently written reference step)
+def cyclegan_step(translators, discs, train_discs, optimizer_g, optimizer_d, pools, rt, real_s, real_t, segmenter,
+                  norm, weights):
+    """T^k (cycle_gan_model.py optimize_parameters) on [-1, 1] batches. The generators: LSGAN through the frozen,
+    unwrapped discriminators + weights["cycle"] cycle L1 + weights["idt"] identity L1, from round 2 + weights["sem"]
+    and weights["sem_rec"] perceptual terms through `segmenter` (frozen here: eval-mode BN, no gradient into it;
+    None in round 1). Then each discriminator: real vs a detached fake from its image pool, through train_discs
+    (DDP-wrapped under torchrun). Both Adams step (D's inputs are detached, so this equals CycleGAN's G step
+    followed by D's). `translators` may be DDP-wrapped. Returns the unweighted losses."""
+    optimizer_g.zero_grad(set_to_none=True)
+    optimizer_d.zero_grad(set_to_none=True)
+    if segmenter is not None:  # cyclegan/networks.py semantic(): eval mode, requires_grad False
+        set_requires_grad([segmenter], False)
+        segmenter.eval()
+    with rt.autocast():
+        out = translators(real_s, real_t)
+    set_requires_grad(discs.values(), False)
+    with rt.autocast():
+        losses = translator_losses(out, real_s, real_t, discs, segmenter, norm)
+    loss = losses["gan_g"]
+    for name in ("cycle", "idt", "sem", "sem_rec"):  # sem, sem_rec: only with a segmenter
+        if name in losses:
+            loss = loss + weights[name] * losses[name]
+    rt.scaler.scale(loss).backward()
+    set_requires_grad(discs.values(), True)
+    with rt.autocast():
+        losses["d_cyc"] = (translator_discriminator_loss(train_discs["target"], real_t,
+                                                         pooled(pools["target"], out["fake_t"], rt))
+                           + translator_discriminator_loss(train_discs["source"], real_s,
+                                                           pooled(pools["source"], out["fake_s"], rt)))
+    rt.scaler.scale(losses["d_cyc"]).backward()
+    rt.scaler.step(optimizer_g)
+    rt.scaler.step(optimizer_d)
+    rt.scaler.update()
+    return losses
+
+
+def segmenter_step(model, disc, train_disc, optimizer, d_optimizer, rt, images, labels, target_images, pseudo_labels,
+                   lambda_adv):
+    """S^k_i (BDL.py) on normalised batches: CE on the translated source (under DDP without an all-reduce: the
+    target backward all-reduces the accumulated sum, style.md 8.1); on the target lambda_adv * BCE(D(softmax),
+    source) through the frozen, unwrapped D, plus CE on the pseudo labels in the self-supervised rounds
+    (pseudo_labels None in round 0); D on the detached softmax maps (source 0, target 1) through train_disc
+    (DDP-wrapped under torchrun); then both optimisers step. Returns the losses."""
+    optimizer.zero_grad(set_to_none=True)
+    d_optimizer.zero_grad(set_to_none=True)
+    with getattr(model, "no_sync", contextlib.nullcontext)():
+        with rt.autocast():
+            _, main = model(images)
+        losses = {"seg_src": seg_loss(main, labels)}
+        rt.scaler.scale(losses["seg_src"]).backward()
+    source_map = softmax_at(main.detach(), images.shape[-2:])
+    with rt.autocast():
+        _, target_main = model(target_images)
+    target_map = softmax_at(target_main, target_images.shape[-2:])
+    set_requires_grad([disc], False)  # the segmenter's term trains the segmenter only
+    with rt.autocast():
+        losses["adv_main"] = generator_loss(disc, target_map)
+    loss = lambda_adv * losses["adv_main"]
+    if pseudo_labels is not None:
+        losses["seg_pseudo"] = seg_loss(target_main, pseudo_labels)
+        loss = loss + losses["seg_pseudo"]
+    rt.scaler.scale(loss).backward()
+    set_requires_grad([disc], True)
+    with rt.autocast():
+        losses["d_main"] = discriminator_loss(train_disc, source_map, target_map)
+    rt.scaler.scale(losses["d_main"]).backward()
+    rt.scaler.step(optimizer)
+    rt.scaler.step(d_optimizer)
+    rt.scaler.update()
+    return losses
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -905,10 +983,10 @@ def main():
         optimizer_g = torch.optim.Adam([{"params": translators.parameters(), "lr_mult": 1.0}], **adam)
         optimizer_d = torch.optim.Adam([{"params": discs.parameters(), "lr_mult": 1.0}], **adam)
         pools = {"target": ImagePool(args.pool_size, rt.device), "source": ImagePool(args.pool_size, rt.device)}
-        segmenter = None
-        if st.round > 1:  # frozen, eval mode; gradients flow through it into the generators only
-            segmenter = segmenter_from(f"seg_r{st.round - 1}_s{args.ssl_rounds}").eval()
-            set_requires_grad([segmenter], False)
+        # from round 2: the previous round's last segmenter (cyclegan_step freezes it), for the perceptual terms
+        segmenter = segmenter_from(f"seg_r{st.round - 1}_s{args.ssl_rounds}") if st.round > 1 else None
+        weights = {"cycle": args.lambda_cycle, "idt": args.lambda_identity, "sem": args.lambda_perceptual,
+                   "sem_rec": args.lambda_perceptual_rec}
         parts = dict(translators=translators, discs=discs, optimizer_g=optimizer_g, optimizer_d=optimizer_d,
                      scaler=rt.scaler, pool_target=pools["target"], pool_source=pools["source"])
         start = restore(st, parts)
@@ -934,31 +1012,10 @@ def main():
                                                        args.cyclegan_decay_epochs)
             set_lr(optimizer_g, lr)
             set_lr(optimizer_d, lr)
-            optimizer_g.zero_grad(set_to_none=True)
-            optimizer_d.zero_grad(set_to_none=True)
             real_s = normalize(next(source_batches)[0].to(rt.device, non_blocking=True), "gan")
             real_t = normalize(next(target_batches)[0].to(rt.device, non_blocking=True), "gan")
-            # generators: frozen, unwrapped discriminators (no gradient, no DDP hook), official weights
-            with rt.autocast():
-                out = train_translators(real_s, real_t)
-            set_requires_grad(discs.values(), False)
-            with rt.autocast():
-                losses = translator_losses(out, real_s, real_t, discs, segmenter, norm)
-            loss = (losses["gan_g"] + args.lambda_cycle * losses["cycle"] + args.lambda_identity * losses["idt"]
-                    + args.lambda_perceptual * losses.get("sem", 0.0)
-                    + args.lambda_perceptual_rec * losses.get("sem_rec", 0.0))
-            rt.scaler.scale(loss).backward()
-            set_requires_grad(discs.values(), True)
-            # discriminators: real vs a detached fake drawn from the (global) pool
-            with rt.autocast():
-                losses["d_cyc"] = (translator_discriminator_loss(train_discs["target"], real_t,
-                                                                 pooled(pools["target"], out["fake_t"], rt))
-                                   + translator_discriminator_loss(train_discs["source"], real_s,
-                                                                   pooled(pools["source"], out["fake_s"], rt)))
-            rt.scaler.scale(losses["d_cyc"]).backward()
-            rt.scaler.step(optimizer_g)
-            rt.scaler.step(optimizer_d)
-            rt.scaler.update()
+            losses = cyclegan_step(train_translators, discs, train_discs, optimizer_g, optimizer_d, pools, rt, real_s,
+                                   real_t, segmenter, norm, weights)
 
             for k, v in losses.items():
                 running[k] = running.get(k, 0.0) + v.detach()
@@ -1034,8 +1091,6 @@ def main():
         target_batches = train_loader(target_set, per_rank_batch, args.seed + 100_003, offset + start, rt.rank,
                                       rt.world, num_workers=args.num_workers, pin_memory=pin)
         train_model, train_disc = rt.wrap(net), rt.wrap(disc)
-        # DDP: the source backward accumulates locally, the target backward all-reduces the sum (style.md 8.1)
-        source_no_sync = getattr(train_model, "no_sync", contextlib.nullcontext)
 
         running = {}
         log.start_loop(offset + start)
@@ -1045,38 +1100,12 @@ def main():
             lr = poly_lr(args.lr, lr_offset + it, horizon, args.poly_power)
             set_lr(optimizer, lr)
             set_lr(d_optimizer, poly_lr(args.lr_d, lr_offset + it, horizon, args.poly_power))
-            optimizer.zero_grad(set_to_none=True)
-            d_optimizer.zero_grad(set_to_none=True)
             images, labels, _ = next(source_batches)
             target_images, pseudo_labels, _ = next(target_batches)
             labels = labels.to(rt.device, non_blocking=True).long()
-            # 1. translated source: CE
-            with source_no_sync():
-                with rt.autocast():
-                    _, main = train_model(to_input(images))
-                losses = {"seg_src": seg_loss(main, labels)}
-                rt.scaler.scale(losses["seg_src"]).backward()
-            source_map = softmax_at(main.detach(), images.shape[-2:])
-            # 2. target: fool the frozen, unwrapped D (label source); CE on the pseudo labels in SSL rounds
-            with rt.autocast():
-                _, target_main = train_model(to_input(target_images))
-            target_map = softmax_at(target_main, target_images.shape[-2:])
-            set_requires_grad([disc], False)
-            with rt.autocast():
-                losses["adv_main"] = generator_loss(disc, target_map)
-            loss = args.lambda_adv * losses["adv_main"]
-            if st.ssl_round:
-                losses["seg_pseudo"] = seg_loss(target_main, pseudo_labels.to(rt.device, non_blocking=True).long())
-                loss = loss + losses["seg_pseudo"]
-            rt.scaler.scale(loss).backward()
-            set_requires_grad([disc], True)
-            # 3. D on the detached maps: source 0, target 1; then step both
-            with rt.autocast():
-                losses["d_main"] = discriminator_loss(train_disc, source_map, target_map)
-            rt.scaler.scale(losses["d_main"]).backward()
-            rt.scaler.step(optimizer)
-            rt.scaler.step(d_optimizer)
-            rt.scaler.update()
+            pseudo_labels = pseudo_labels.to(rt.device, non_blocking=True).long() if st.ssl_round else None
+            losses = segmenter_step(train_model, disc, train_disc, optimizer, d_optimizer, rt, to_input(images), labels,
+                                    to_input(target_images), pseudo_labels, args.lambda_adv)
 
             # TRY NOT TO MODIFY: logging, evaluation, checkpoints
             for k, v in losses.items():
