@@ -2,31 +2,57 @@
 
 Tsai et al., "Learning to Adapt Structured Output Space for Semantic Segmentation", CVPR 2018,
 https://arxiv.org/abs/1802.10349, official code https://github.com/wasidennis/AdaptSegNet
-(`train_gta2cityscapes_multi.py`, `model/discriminator.py`).
+(`train_gta2cityscapes_multi.py`, `model/deeplab_multi.py`, `model/discriminator.py`, `evaluate_cityscapes.py`).
 Recipe: DeepLab-v2 ResNet-101 with an auxiliary ASPP head on layer3 (multi-level, lambda_seg aux 0.1), two
 fully convolutional output-space discriminators (five 4x4 stride-2 convs, LeakyReLU 0.2, logits at 1/32),
 D_aux on softmax(upsampled aux logits), D_main on softmax(upsampled main logits). Domain labels: source 0,
-target 1, BCE with logits. One iteration (1 source + 1 target frame, official order):
-  1. source CE(main) + 0.1 CE(aux) at the source input size, backward;
+target 1, BCE with logits. One iteration (1 source + 1 target frame, official order; train_step):
+  1. D frozen; source CE(main) + 0.1 CE(aux) at the source input size, backward;
   2. target forward (train-mode BN, as in the official code), generator term
      0.0002 BCE(D_aux(t), 0) + 0.001 BCE(D_main(t), 0), backward; D receives no gradient from it;
-  3. per D: 1/2 BCE(D(s.detach()), 0) + 1/2 BCE(D(t.detach()), 1), backward;
+  3. D unfrozen; per D: 1/2 BCE(D(s.detach()), 0) + 1/2 BCE(D(t.detach()), 1), backward;
   4. step SGD (segmenter, source_only.py's recipe) and Adam 1e-4, betas (0.9, 0.99) (discriminators,
      same poly decay, horizon 250k); stop at 150k. Target frames are resized to 1024x512 (Cityscapes).
-`--single-level`: no aux head, lambda_adv 0.001 on the main output only. `--gan ls`: least squares (MSE)
-instead of BCE, as the official `--gan LS`.
+`--single-level` (= `--no-multi-level`): no aux head, lambda_adv 0.001 on the main output only. `--gan ls`:
+least squares (MSE) instead of BCE, as the official `--gan LS`.
 Reported (paper): GTA5->Cityscapes 42.4 mIoU (R101 multi-level), 41.4 single-level; SYNTHIA->Cityscapes
 46.7 mIoU13 (multi-level), 45.9 single-level.
 
+Released files (../shared/reference/released-models.md), recognised by their content, never their name
+(read_weights), with the flags they imply applied unless typed (a typed flag wins with a warning) and
+recorded as `loaded` in config.json and results.json:
+- `GTA2Cityscapes_multi-ed35151c.pth` (paper 42.4; 42.35 measured by a user, AdaptSegNet #56):
+  `--eval-only --weights FILE`. A raw state dict (`layer5` = aux head on layer3, `layer6` = main head) saved by
+  torch < 0.4.1 (no BN `num_batches_tracked`): multi-level, 2 ASPP branches (the official return-inside-loop),
+  Caffe BGR input, stride on the 1x1; the two ASPP convs the official forward never sums are listed as unused.
+  The evaluation is the official one (`model.eval()`, bicubic 1024x512 input, main logits upsampled to
+  2048x1024 with align_corners=True, argmax); add `--no-amp` for its fp32 forward (bf16 may move the last
+  digit). `--save-predictions DIR` writes the Cityscapes benchmark format.
+- `DeepLab_resnet_pretrained_init-f81d91e8.pth` (the ImageNet+COCO init of the official training):
+  `--init FILE`. Every key under `Scale.`: the prefix and the 21-class COCO classifier `layer5` are dropped
+  (as train_gta2cityscapes_multi.py does for 19 classes), the backbone loads completely, Caffe input.
+- Single or multi level: a file with one head (a BDL-style release, a single-level checkpoint) implies
+  single-level; `--single-level` typed over a multi-level file wins with a warning, and the file's aux head
+  is left out with one printed line (the evaluated main output does not depend on it). `--lambda-seg-aux` /
+  `--lambda-adv-aux` typed for a single-level training run cannot act and are refused.
+
 Deviations from the official code:
 - ASPP sums 4 branches and init is torchvision ImageNet (project defaults of source_only.py; the released
-  code sums 2, `--aspp-branches 2`, and starts from an ImageNet+COCO Caffe file, `--init PATH`).
+  code sums 2, `--aspp-branches 2`, and starts from the ImageNet+COCO Caffe file above, `--init FILE`). With
+  torchvision weights `--stride-on auto` puts layer2's stride on the 3x3 conv, where they learnt it.
 - `--single-level` drops the aux head; the official README gets single-level by zeroing lambda_seg and
   lambda_adv_target1 while keeping the head in the network (same gradients, fewer parameters here).
 - The discriminator loss sums the source and target halves before one backward (the official code calls
   backward after each half: same gradients). The generator term goes through the unwrapped
   discriminators with requires_grad off, so DDP hooks never see it (style.md section 8).
+- Mixed precision: on CUDA the forward and backward passes (segmenter and discriminators) run under bf16
+  autocast (fp16 with a GradScaler where bf16 is missing) with TF32 matmuls by default; the paper trained in
+  fp32 (`--no-amp` gives fp32). Losses, the softmax maps the discriminators see, and the evaluation
+  upsampling and argmax are computed in fp32.
+- Resizing: images bicubic (PIL), as the official loaders (source 1280x720, target and evaluation
+  1024x512); labels nearest.
 - Data loaders are seeded (the official one is not, maintainer #19); `--crop-size` crops source and target.
+  `--batch-size` is the global batch, split over torchrun processes (2 processes x batch 1 = 1 x batch 2).
 - `--preset quick` = source_only.py's quick preset (toy domains, resnet18 from random init, 400 iterations,
   batch 4, lr 0.0025, poly horizon 400, 96x192 frames) plus 10x the paper's adversarial weights
   (lambda_adv 0.01 main / 0.002 aux, the paper's 5:1 ratio; D keeps Adam 1e-4). Measured on the toy pair
@@ -48,8 +74,9 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
-from common.checkpoint import load_checkpoint, load_weights, resume_path, rng_state, save_checkpoint, set_rng_state
-from common.cli import UserError, guard, parse_args
+from common.checkpoint import (load_checkpoint, load_matching, read_weights_file, resume_path, rng_state,
+                               save_checkpoint, set_rng_state)
+from common.cli import UserError, guard, imply, parse_args
 from common.data import SegDataset, TrainTransform, class_setup, domain_split, normalize, train_loader
 from common.metrics import evaluate_target
 from common.runlog import RunLog, param_counts
@@ -99,7 +126,10 @@ class Args:
     eval_only: bool = False
     """evaluate --weights on the target val split, write results.json, exit"""
     weights: list[str] = field(default_factory=list)
-    """checkpoint(s) to evaluate with --eval-only"""
+    """file to evaluate with --eval-only: one of our checkpoints or an authors' release (README, released models)"""
+    save_predictions: Optional[str] = None
+    """write every target-val prediction of the final evaluation as a PNG into this folder (Cityscapes: label
+    ids at 2048x1024, named as the official evaluation and benchmark scripts expect)"""
     dry_run: bool = False
     """build networks and optimisers, write config.json with parameter counts, exit without reading data"""
     log_every: int = 50
@@ -119,13 +149,18 @@ class Args:
     synthia_classes: int = 19
     """classes of the head when the source is SYNTHIA: 19 (evaluated on 16/13) or 16"""
     normalization: Literal["auto", "imagenet", "caffe"] = "auto"
-    """input normalisation; auto: caffe (BGR, mean only) for Caffe DeepLab init files, else imagenet"""
+    """input normalisation; auto: what the weights imply (caffe, BGR mean only, for the DeepLab-v2 Caffe files and
+    the releases; imagenet for torchvision weights)"""
     multi_level: bool = True
-    """add the auxiliary classifier on layer3 (weight lambda_seg_aux), as the multi-level methods do"""
+    """add the auxiliary classifier on layer3 (weight lambda_seg_aux) and its discriminator (paper: on);
+    --no-multi-level is --single-level"""
     lambda_seg_aux: float = 0.1
-    """weight of the auxiliary segmentation loss (AdaptSegNet: 0.1)"""
+    """weight of the auxiliary segmentation loss, with --multi-level (AdaptSegNet: 0.1)"""
     aspp_branches: int = 4
     """ASPP branches summed: 4 (ADVENT, BDL) or 2 (AdaptSegNet's released code)"""
+    stride_on: Literal["auto", "1x1", "3x3"] = "auto"
+    """conv holding layer2.0's stride: 1x1 (Caffe DeepLab-v2 layout), 3x3 (torchvision); auto: where the loaded
+    weights expect it (3x3 for torchvision weights, else 1x1)"""
     bn_mode: Literal["train", "eval"] = "train"
     """frozen-affine BN with batch statistics (train, official) or running statistics (eval)"""
     momentum: float = 0.9
@@ -142,7 +177,8 @@ class Args:
 
     # Algorithm specific arguments
     single_level: bool = False
-    """the paper's single-level variant: no aux head, adversarial loss on the main output only (paper: off)"""
+    """the paper's single-level variant: no aux head, adversarial loss on the main output only (paper: off); the same
+    as --no-multi-level; typed, it beats a multi-level weights file (its aux head is left out, said in one line)"""
     lambda_adv_main: float = 0.001
     """weight of the adversarial loss on the main output (paper: 0.001, single- and multi-level)"""
     lambda_adv_aux: float = 0.0002
@@ -188,12 +224,13 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None, stride_on="1x1"):
         super().__init__()
-        # Caffe-style: the stride sits on the first 1x1 conv (torchvision: on the 3x3; same shapes)
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride, bias=False)
+        # Caffe-style: the stride sits on the first 1x1 conv; torchvision's on the 3x3 (same shapes)
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride if stride_on == "1x1" else 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=dilation, dilation=dilation, bias=False)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride if stride_on == "3x3" else 1, padding=dilation,
+                               dilation=dilation, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
@@ -217,9 +254,8 @@ class ASPP(nn.Module):
         super().__init__()
         self.convs = nn.ModuleList(nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d)
                                    for d in (6, 12, 18, 24)[:branches])
-        for conv in self.convs:
+        for conv in self.convs:  # weights N(0, 0.01); biases keep PyTorch's default init, as the official code
             nn.init.normal_(conv.weight, 0, 0.01)
-            nn.init.zeros_(conv.bias)
 
     def forward(self, x):
         return sum(conv(x) for conv in self.convs)
@@ -228,12 +264,13 @@ class ASPP(nn.Module):
 class DeepLabV2(nn.Module):
     """ResNet with output stride 8; returns (aux logits on layer3 or None, main logits on layer4)."""
 
-    def __init__(self, backbone="resnet101", num_classes=19, multi_level=False, aspp_branches=4, bn_mode="train"):
+    def __init__(self, backbone="resnet101", num_classes=19, multi_level=False, aspp_branches=4, bn_mode="train",
+                 stride_on="1x1"):
         super().__init__()
         if backbone not in RESNETS:
             raise UserError(f"unknown backbone '{backbone}': use one of {', '.join(RESNETS)}")
         block, layers = RESNETS[backbone]
-        self.bn_mode, self.inplanes = bn_mode, 64
+        self.bn_mode, self.inplanes, self.stride_on = bn_mode, 64, stride_on
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.maxpool = nn.MaxPool2d(3, 2, 1, ceil_mode=True)
@@ -254,7 +291,8 @@ class DeepLabV2(nn.Module):
         if stride != 1 or self.inplanes != planes * block.expansion or dilation > 1:
             downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
                                        nn.BatchNorm2d(planes * block.expansion))
-        layers = [block(self.inplanes, planes, stride, dilation, downsample)]
+        extra = {"stride_on": self.stride_on} if block is Bottleneck else {}  # BasicBlock: only 3x3 convs
+        layers = [block(self.inplanes, planes, stride, dilation, downsample, **extra)]
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes, 1, dilation) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
@@ -280,33 +318,118 @@ class DeepLabV2(nn.Module):
                 {"params": heads, "lr": lr * head_lr_mult, "lr_mult": head_lr_mult}]
 
 
-def load_init(model, init, backbone) -> str:
-    """Load --init into the model; return the input normalisation the weights expect."""
+def read_weights(path, flag="--init", script=None) -> dict:
+    """Recognise a DeepLab-v2 weights file by its content (never its name) and map it to DeepLabV2's names.
+
+    Returns {"kind": what it is, "state": tensors under our names, "implied": the flags it implies, "iter"}.
+    Layouts (../shared/reference/released-models.md):
+    - a checkpoint of this repository (a "script" key; `script` given: must be that script's): its model and
+      the network flags it was trained with;
+    - a torchvision ResNet state dict (fc.*): ImageNet input, stride on the 3x3;
+    - a DeepLab-v2 Caffe init file, every key under one prefix (AdaptSegNet's `Scale.` ImageNet+COCO file,
+      ADVENT's ImageNet file): the backbone (the official loaders drop the prefix and layer5), Caffe input;
+    - an authors' release, raw ResNet keys plus `layer5`/`layer6` ASPP heads (a head on 1024 channels sits on
+      layer3: the aux head): AdaptSegNet (aux + layer6, saved by torch < 0.4.1, i.e. without BN
+      num_batches_tracked: its code sums 2 ASPP branches), ADVENT (the same keys from torch >= 0.4.1: 4
+      branches), BDL (one layer5 head on layer4, torch 0.4.0: 2 branches); Caffe input, stride on the 1x1.
+    A flag typed on the command line beats what the file implies (common.cli.imply warns).
+    """
+    state = read_weights_file(path, flag)
+    if isinstance(state, dict) and "script" in state:  # ours
+        if script is not None and state["script"] != script:
+            raise UserError(f"{path} was written by {state['script']}, not {script}")
+        saved = state.get("args", {})
+        implied = {k: saved[k] for k in ("backbone", "multi_level", "aspp_branches", "stride_on") if k in saved}
+        implied.setdefault("stride_on", "1x1")  # checkpoints from before --stride-on used the Caffe layout
+        implied["normalization"] = state.get("normalization", "imagenet")
+        return {"kind": f"{state['script']} checkpoint", "state": state["model"], "implied": implied,
+                "iter": state.get("iter", 0), "num_classes": state.get("num_classes")}
+    for key in ("state_dict", "model", "model_state_dict"):  # common wrappers of a plain state dict
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"{flag} {path} is not a DeepLab-v2 weights file: accepted are our checkpoints, torchvision "
+                        f"ResNet state dicts, the DeepLab-v2 Caffe init files and the AdaptSegNet/ADVENT/BDL releases")
+    prefixes = {k.split(".", 1)[0] for k in state}
+    if len(prefixes) == 1 and f"{next(iter(prefixes))}.conv1.weight" in state:  # Caffe init: `Scale.conv1.weight`
+        state = {k.split(".", 1)[1]: v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if not k.startswith(("layer5.", "layer6."))}
+        return {"kind": "DeepLab-v2 Caffe init file (backbone)", "state": state, "iter": 0,
+                "implied": {"normalization": "caffe", "stride_on": "1x1", **resnet_of(state)}}
+    if "fc.weight" in state:
+        return {"kind": "torchvision ResNet", "iter": 0, "state": {k: v for k, v in state.items()
+                                                                    if not k.startswith("fc.")},
+                "implied": {"normalization": "imagenet", "stride_on": "3x3", **resnet_of(state)}}
+    heads = {name: state[f"{name}.conv2d_list.0.weight"] for name in ("layer5", "layer6")
+             if f"{name}.conv2d_list.0.weight" in state}
+    if not heads:
+        raise UserError(f"{flag} {path}: unrecognised layout (keys such as {', '.join(list(state)[:3])}); accepted "
+                        f"are our checkpoints, torchvision ResNets, the DeepLab-v2 Caffe init files and the "
+                        f"AdaptSegNet/ADVENT/BDL releases")
+    old_torch = not any(k.endswith("num_batches_tracked") for k in state)
+    aux = [name for name, w in heads.items() if w.shape[1] < max(h.shape[1] for h in heads.values())]
+    mapped = {}
+    for key, value in state.items():
+        name = key.split(".", 1)[0]
+        if name in heads:  # layer5/layer6.conv2d_list.i.* -> (aux_)head.convs.i.*
+            key = ("aux_head" if name in aux else "head") + ".convs." + key.split("conv2d_list.", 1)[1]
+        mapped[key] = value
+    multi = bool(aux)
+    kind = {(True, True): "AdaptSegNet release", (True, False): "ADVENT release"}.get(
+        (multi, old_torch), "BDL release" if old_torch else "DeepLab-v2 model")
+    implied = {"normalization": "caffe", "stride_on": "1x1", "multi_level": multi,
+               "aspp_branches": 2 if old_torch else 4, **resnet_of(state)}
+    return {"kind": kind, "state": mapped, "implied": implied, "iter": 0}
+
+
+def resnet_of(state) -> dict:
+    """{"backbone": name} when the blocks per layer and the block type of a ResNet state dict match one of
+    RESNETS (a file says which depth it is), else {}."""
+    blocks = [len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in (1, 2, 3, 4)]
+    bottleneck = any(k.endswith("conv3.weight") for k in state)
+    names = [n for n, (block, layers) in RESNETS.items() if layers == blocks and (block is Bottleneck) == bottleneck]
+    return {"backbone": names[0]} if names else {}
+
+
+def load_init(model, init, backbone, found=None) -> str:
+    """Load --init into the model (found: read_weights' result for a file); return the input normalisation the
+    weights expect. The backbone must load completely; heads the file lacks stay at random init (listed)."""
     if init == "none":
         return "imagenet"
     if init == "imagenet":
         state = torchvision.models.get_model(backbone, weights="IMAGENET1K_V1").state_dict()
-        caffe = False
-    else:
-        if not os.path.isfile(init):
-            raise UserError(f"--init {init}: no such file (use imagenet, none or a path)")
-        try:
-            state = torch.load(init, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"cannot load --init {init}: {str(e).splitlines()[0][:200]}") from None
-        state = state.get("model", state.get("state_dict", state))
-        caffe = any(k.startswith("Scale.") for k in state)  # the DeepLab-v2 Caffe init files
-        state = {k.removeprefix("Scale.").removeprefix("module."): v for k, v in state.items()}
-        state = {k: v for k, v in state.items() if not k.startswith(("layer5.", "layer6.", "fc."))}
-    own = model.state_dict()
-    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    backbone_keys = [k for k in own if "head" not in k]
-    missing = [k for k in backbone_keys if k not in matched]
-    if missing:
-        raise UserError(f"--init {init} does not fit a {backbone} DeepLab-v2: {len(missing)} of "
-                        f"{len(backbone_keys)} backbone tensors missing or misshapen (e.g. {missing[0]})")
-    model.load_state_dict(matched, strict=False)
-    return "caffe" if caffe else "imagenet"
+        found = {"kind": "torchvision ImageNet weights", "state": state, "implied": {"normalization": "imagenet"}}
+    load_matching(model, found["state"], f"--init {init} ({found['kind']})", required=lambda k: "head" not in k)
+    return found["implied"]["normalization"]
+
+
+def prepare_weights(args, ckpt_path, script, num_classes) -> Optional[dict]:
+    """Read the file of --eval-only --weights or --init (not when resuming), apply the flags it implies
+    (typed flags win), resolve --stride-on auto, print one line on what was recognised."""
+    found = None
+    if args.weights and not args.eval_only:
+        raise UserError("--weights is read by --eval-only; to start training from a file use --init PATH")
+    if args.eval_only:
+        if len(args.weights) != 1:
+            raise UserError("--eval-only needs exactly one --weights PATH")
+        found = read_weights(args.weights[0], "--weights", script)
+    elif ckpt_path:  # the network flags it was trained with; its normalisation comes back with the rest of its state
+        found = read_weights(ckpt_path, "--resume", script)
+        found["implied"].pop("normalization")
+    elif args.init not in ("imagenet", "none"):
+        found = read_weights(args.init)
+    if found is not None and found.get("num_classes") not in (None, num_classes):
+        raise UserError(f"{args.weights[0] if args.eval_only else ckpt_path} has {found['num_classes']} classes, "
+                        f"this run has {num_classes}")
+    if found is not None:
+        found["applied"] = imply(args, found["implied"], found["kind"])
+        quirks = {"aspp_branches": "{} ASPP branches", "multi_level": "multi-level: {}", "stride_on": "stride on {}",
+                  "normalization": "{} input"}
+        said = ", ".join(quirks[k].format(v) for k, v in found["applied"].items() if k in quirks)
+        print(f"recognised {found['kind']}" + (f": {said}" if said else ""), flush=True)
+    if args.stride_on == "auto":
+        args.stride_on = "3x3" if args.init == "imagenet" else "1x1"
+    return found
 
 
 def seg_loss(logits, labels, align_corners=True):
@@ -386,6 +509,92 @@ def softmax_at(logits, size):
 
 
 # ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: single- or multi-level, from the flags and the weights file
+def prepare_levels(args, ckpt_path, num_classes) -> Optional[dict]:
+    """prepare_weights, with `--single-level` (the paper's name for `--no-multi-level`) settled against the file.
+
+    - `--single-level` typed counts as a typed `--no-multi-level`: it beats a multi-level file (imply warns,
+      naming --multi-level), whose aux head is then left out with one printed line: no aux head is built, and
+      the main output, the one evaluated, does not depend on it;
+    - a file with one head (a BDL-style release, a single-level checkpoint) implies single-level unless
+      `--multi-level` is typed (then the aux head starts at random init with --init, or --eval-only refuses);
+    - `--single-level` with `--multi-level` typed is a contradiction; aux-output weights typed for a single-level
+      training run could not act and are refused (--eval-only trains nothing: anything goes)."""
+    given = getattr(args, "given", frozenset())
+    if args.single_level:
+        if "multi_level" in given and args.multi_level:
+            raise UserError("--single-level and --multi-level contradict each other")
+        args.multi_level, args.given = False, given | {"multi_level"}
+    found = prepare_weights(args, ckpt_path, SCRIPT, num_classes)
+    args.single_level = not args.multi_level
+    if args.single_level and not args.eval_only:
+        typed = [f"--{name.replace('_', '-')}" for name in ("lambda_seg_aux", "lambda_adv_aux") if name in given]
+        if typed:
+            why = "--single-level (no aux output)" if {"single_level", "multi_level"} & given or found is None else \
+                f"{found['kind']}, which has one head (--multi-level adds an aux head at random init)"
+            raise UserError(f"{' '.join(typed)}: no effect with {why}")
+    aux = [k for k in found["state"] if k.startswith("aux_head.")] if found and (args.eval_only or not ckpt_path) \
+        else []
+    if args.single_level and aux:
+        print(f"single-level: the aux head of the {found['kind']} ({len(aux)} tensors) is not built; the main output "
+              f"does not depend on it", flush=True)
+        found["state"] = {k: v for k, v in found["state"].items() if not k.startswith("aux_head.")}
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: one training iteration (main() calls it; tests/test_adaptsegnet.py checks it against a reference)
+def train_step(model, discriminators, train_discriminators, optimizer, d_optimizers, rt, images, labels,
+               target_images, lambda_seg_aux, lambda_adv, gan):
+    """One AdaptSegNet iteration in the official order (train_gta2cityscapes_multi.py), on normalised batches.
+
+    1. D frozen; source CE(main) + lambda_seg_aux * CE(aux) (aux: multi-level), backward;
+    2. target generator term sum over levels of lambda_adv[level] * loss(D_level(softmax(target)), source label)
+       through the unwrapped discriminators (frozen: no gradient into D, no DDP hook), backward;
+    3. D unfrozen; per level 1/2 loss(D(softmax(source).detach()), source) + 1/2 loss(D(softmax(target).detach()),
+       target) through the DDP-wrapped discriminators, backward;
+    4. step the segmenter's SGD and every D's Adam.
+    model: the (DDP-wrapped) segmenter; discriminators: {level: D} for the levels trained ("aux", "main" or
+    "main"); train_discriminators: the same, DDP-wrapped. Softmax maps are taken at the input size."""
+    levels = list(discriminators)
+    optimizer.zero_grad(set_to_none=True)
+    for d_optimizer in d_optimizers.values():
+        d_optimizer.zero_grad(set_to_none=True)
+    set_requires_grad(discriminators.values(), False)
+    # 1. source segmentation; under DDP its gradients accumulate locally, the target backward all-reduces the sum
+    with getattr(model, "no_sync", contextlib.nullcontext)():
+        with rt.autocast():
+            aux, main = model(images)
+        losses = {"seg_src": seg_loss(main, labels)}
+        if aux is not None:
+            losses["seg_aux"] = seg_loss(aux, labels)
+        rt.scaler.scale(losses["seg_src"] + lambda_seg_aux * losses.get("seg_aux", 0.0)).backward()
+    source_maps = {level: softmax_at(out.detach(), images.shape[-2:])
+                   for level, out in zip(("aux", "main"), (aux, main)) if level in levels}
+    # 2. target: fool the discriminators (label source)
+    with rt.autocast():
+        target_out = dict(zip(("aux", "main"), model(target_images)))
+    target_maps = {level: softmax_at(target_out[level], target_images.shape[-2:]) for level in levels}
+    with rt.autocast():
+        for level in levels:
+            losses[f"adv_{level}"] = generator_loss(discriminators[level], target_maps[level], gan)
+    rt.scaler.scale(sum(lambda_adv[level] * losses[f"adv_{level}"] for level in levels)).backward()
+    # 3. discriminators on the detached maps: source 0, target 1
+    set_requires_grad(discriminators.values(), True)
+    with rt.autocast():
+        for level in levels:
+            losses[f"d_{level}"] = discriminator_loss(train_discriminators[level], source_maps[level],
+                                                      target_maps[level], gan)
+    rt.scaler.scale(sum(losses[f"d_{level}"] for level in levels)).backward()
+    # 4. step all
+    rt.scaler.step(optimizer)
+    for d_optimizer in d_optimizers.values():
+        rt.scaler.step(d_optimizer)
+    rt.scaler.update()
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------------
 def main():
     args = parse_args(Args, PRESETS, description=__doc__)
     # TRY NOT TO MODIFY: setup
@@ -401,9 +610,10 @@ def main():
     ckpt_path = resume_path(args.resume, out_dir)
 
     # ALGO LOGIC: networks and optimisers
-    args.multi_level = args.multi_level and not args.single_level
-    model = DeepLabV2(args.backbone, num_classes, args.multi_level, args.aspp_branches, args.bn_mode)
-    norm = load_init(model, args.init, args.backbone) if not (ckpt_path or args.eval_only or args.dry_run) else None
+    found = prepare_levels(args, ckpt_path, num_classes)  # the --init/--weights file, what it implies, the levels
+    model = DeepLabV2(args.backbone, num_classes, args.multi_level, args.aspp_branches, args.bn_mode, args.stride_on)
+    norm = load_init(model, args.init, args.backbone, found) if not (ckpt_path or args.eval_only or args.dry_run) \
+        else None
     model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
     optimizer = torch.optim.SGD(model.param_groups(args.lr, args.head_lr_mult), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
@@ -418,26 +628,32 @@ def main():
 
     # TRY NOT TO MODIFY: run folder, dry run, resume
     norm = args.normalization if args.normalization != "auto" else norm
+    loaded = {"file": args.weights[0] if args.eval_only else args.init, "kind": found["kind"],
+              "implied": found["applied"]} if found is not None else None
     log = RunLog(out_dir, rt.is_main)
-    log.write_config(SCRIPT, args, param_counts(**networks), normalization=norm, num_classes=num_classes)
+    log.write_config(SCRIPT, args, param_counts(**networks), normalization=norm, num_classes=num_classes,
+                     loaded=loaded)
     if args.dry_run:
         print(f"dry run: config written to {log.path('config.json')}")
         return
     start_iter = 0
-    if ckpt_path or args.eval_only:
-        if args.eval_only and len(args.weights) != 1:
-            raise UserError("--eval-only needs exactly one --weights PATH")
-        ckpt = load_checkpoint(args.weights[0] if args.eval_only else ckpt_path, SCRIPT, num_classes)
-        load_weights(model, ckpt["model"])
+    if args.eval_only:  # every tensor of the network from the file; nothing left over but unsummed ASPP convs
+        load_matching(model, found["state"], f"--weights {args.weights[0]} ({found['kind']})", required=lambda k: True,
+                      unused_ok=lambda k: ".convs.2." in k or ".convs.3." in k)
+        start_iter = found["iter"]
+    elif ckpt_path:
+        ckpt = load_checkpoint(ckpt_path, SCRIPT, num_classes)
+        load_matching(model, ckpt["model"], f"--resume {ckpt_path}", required=lambda k: True, unused_ok=lambda k: False,
+                      quiet=True)
         norm, start_iter = ckpt["normalization"], ckpt["iter"]
-        if not args.eval_only:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            for level in discriminators:
-                discriminators[level].load_state_dict(ckpt[f"disc_{level}"])
-                d_optimizers[level].load_state_dict(ckpt[f"optimizer_d_{level}"])
-            rt.scaler.load_state_dict(ckpt["scaler"])
-            set_rng_state(ckpt["rng"])
-            print(f"resumed from {ckpt_path} at iteration {start_iter}")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for level, disc in discriminators.items():
+            load_matching(disc, ckpt[f"disc_{level}"], f"--resume {ckpt_path} (disc_{level})", required=lambda k: True,
+                          unused_ok=lambda k: False, quiet=True)
+            d_optimizers[level].load_state_dict(ckpt[f"optimizer_d_{level}"])
+        rt.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        print(f"resumed from {ckpt_path} at iteration {start_iter}")
 
     def to_input(images):
         x = normalize(images.to(rt.device, non_blocking=True), norm)
@@ -448,18 +664,20 @@ def main():
     eval_size = args.eval_size or args.target_size or target_val.paper_size
 
     def evaluate_model(final=False):
+        rt.share_buffers(model)  # rank 0's BN statistics on every rank: the network its checkpoint holds
         model.eval()
         with torch.no_grad(), rt.autocast():
             summary = evaluate_target(lambda x: model(to_input(x))[1], target_val, rt, align_corners=True, log=log,
                                       num_predictions=args.num_predictions if final else 0, limit=args.eval_limit,
                                       eval_size=eval_size, pred_map=pred_map,
-                                      synthia_protocols=args.source == "synthia" and len(eval_classes) == 19)
+                                      synthia_protocols=args.source == "synthia" and len(eval_classes) == 19,
+                                      save_dir=args.save_predictions if final else None, num_workers=args.num_workers)
         model.train()
         return summary
 
     if args.eval_only:
         summary = evaluate_model(final=True)
-        log.write_results(summary, start_iter, weights=args.weights)
+        log.write_results(summary, start_iter, weights=args.weights, loaded=loaded)
         print(f"target val mIoU {summary['miou']:.2f} ({log.path('results.json')})")
         return
 
@@ -487,8 +705,6 @@ def main():
                                   pin_memory=rt.device.type == "cuda")
     train_model = rt.wrap(model)
     train_discriminators = {level: rt.wrap(d) for level, d in discriminators.items()}
-    # DDP: the source backward accumulates locally, the target backward all-reduces the sum (style.md 8.1)
-    source_no_sync = getattr(train_model, "no_sync", contextlib.nullcontext)
 
     # TRY NOT TO MODIFY: training loop
     running = {}
@@ -499,47 +715,15 @@ def main():
         lr = poly_lr(args.lr, it, args.poly_horizon, args.poly_power)
         set_lr(optimizer, lr)
 
-        # ALGO LOGIC: one iteration (official order: source seg, target adversarial, discriminators, step all)
+        # ALGO LOGIC: one iteration (the discriminators follow the same poly decay from --lr-d)
         for d_optimizer in d_optimizers.values():
             set_lr(d_optimizer, poly_lr(args.lr_d, it, args.poly_horizon, args.poly_power))
-            d_optimizer.zero_grad(set_to_none=True)
-        optimizer.zero_grad(set_to_none=True)
         images, labels, _ = next(source_batches)
         target_images, _, _ = next(target_batches)
         labels = labels.to(rt.device, non_blocking=True).long()
-        # 1. source segmentation
-        with source_no_sync():
-            with rt.autocast():
-                aux, main = train_model(to_input(images))
-            losses = {"seg_src": seg_loss(main, labels)}
-            if aux is not None:
-                losses["seg_aux"] = seg_loss(aux, labels)
-            loss = losses["seg_src"] + args.lambda_seg_aux * losses.get("seg_aux", 0.0)
-            rt.scaler.scale(loss).backward()
-        source_maps = {level: softmax_at(out.detach(), images.shape[-2:])
-                       for level, out in zip(("aux", "main"), (aux, main)) if level in levels}
-        # 2. target: fool the discriminators, label source (frozen and unwrapped: no gradient, no DDP hook)
-        with rt.autocast():
-            target_out = dict(zip(("aux", "main"), train_model(to_input(target_images))))
-        target_maps = {level: softmax_at(target_out[level], target_images.shape[-2:]) for level in levels}
-        set_requires_grad(discriminators.values(), False)
-        with rt.autocast():
-            for level in levels:
-                losses[f"adv_{level}"] = generator_loss(discriminators[level], target_maps[level], args.gan)
-        loss = sum(lambda_adv[level] * losses[f"adv_{level}"] for level in levels)
-        rt.scaler.scale(loss).backward()
-        set_requires_grad(discriminators.values(), True)
-        # 3. discriminators on the detached maps: source 0, target 1
-        with rt.autocast():
-            for level in levels:
-                losses[f"d_{level}"] = discriminator_loss(train_discriminators[level], source_maps[level],
-                                                          target_maps[level], args.gan)
-        rt.scaler.scale(sum(losses[f"d_{level}"] for level in levels)).backward()
-        # 4. step all
-        rt.scaler.step(optimizer)
-        for d_optimizer in d_optimizers.values():
-            rt.scaler.step(d_optimizer)
-        rt.scaler.update()
+        losses = train_step(train_model, discriminators, train_discriminators, optimizer, d_optimizers, rt,
+                            to_input(images), labels, to_input(target_images), args.lambda_seg_aux, lambda_adv,
+                            args.gan)
 
         # TRY NOT TO MODIFY: logging, evaluation, checkpoints
         for k, v in losses.items():

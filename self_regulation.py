@@ -8,7 +8,7 @@ Recipe. Four side exits on the stem (conv1+BN+ReLU, 64 ch), layer1, layer2 and l
 backbone, each [3x3 conv->256, BN, ReLU] x2 then a 1x1 conv to C segmentation logits; every exit and the
 main output also classify the image: GAP of its C-channel logits -> Linear(C, C) -> sigmoid (multi-label).
 All five maps are upsampled bilinearly (align_corners=True) to the input size; index 0 is the main output,
-1-4 run from shallow to deep. Loss per iteration (official weights 0.2 / 0.8 / 1.0 / 1.0):
+1-4 run from shallow to deep. Loss per iteration (official weights 0.2 / 0.8 / 1.0 / 1.0; train_step):
   MEA-cls = sum over the 5 exits of BCE(sigmoid(cls_k), v), v = multi-hot classes present in the label
   MEA-seg = sum over the 5 exits of pixel CE(seg_k, y)                   (255 ignored)
   SR-L    = sum over k=1..4 of BCE(sigmoid(cls_k), sigmoid(cls_0).detach())   deep teaches shallow (image level)
@@ -18,10 +18,24 @@ preset sets it to -1, meaning a third of --iters, and makes the exits 64 wide in
 would more than double the cost of its CPU-sized resnet18 run; with ResNet-101 they are a small share).
 The exits exist only during training: evaluation, results.json and the checkpoint's `model` entry are the
 plain DeepLabV2 of source_only.py (same keys); the exits and the main classifier are stored separately
-under `exits`, for resuming. Optimiser as source_only (SGD, backbone 1x,
-ASPP 10x) with the exits at 1x; exit BNs are trainable, the backbone BN stays frozen-affine.
+under `exits`, for resuming. Optimiser as source_only (SGD, backbone 1x, ASPP 10x) with the exits at 1x.
+BN: the backbone's affine is frozen (as the demo's set_bn_fix), the exits' BN weights and biases train (as in
+the demo); statistics follow `--bn-mode` everywhere (train: batch statistics; eval: running statistics).
 Two uses from one script: fully supervised (`--source cityscapes --target cityscapes`, the paper's setting)
 and source-supervised, a stronger source-only baseline for UDA (`--source gta --target cityscapes`).
+
+`--preset paper` is not a published recipe: the paper has no UDA experiments. It is source_only.py's GTA5
+recipe (AdaptSegNet's schedule: 150k iterations of one 1280x720 frame, SGD 2.5e-4, poly horizon 250k) plus
+SR-SS's own defaults: loss weights 0.2 / 0.8 / 1.0 / 1.0 (trainval.py Lambda1-3), 256-wide exits
+(deeplab.py ClassLayer), exits at 1x the lr (trainval.py: only the ASPP `conv2d_list` gets 10x), all pixels
+in SR-F, hard targets, and the README's 10k MEA-only warm-up.
+
+Init files: nothing is released (../shared/reference/released-models.md). SR-SS trains from
+`data/DeepLab_resnet_pretrained.pth` (not linked), a DeepLab-v2 Caffe file with every key under `Scale.`,
+loaded non-strictly into its backbone (trainval.py:73-76). Such a file loads with `--init FILE`, recognised
+by its content (read_weights): the prefix is dropped, the backbone loads completely, its 21-class COCO
+classifier `Scale.layer5` is dropped (the demo's 21 VOC classes take it; 19 or 8 classes cannot), Caffe
+BGR input and the stride on the 1x1 conv follow; the exits start at random init, as in the demo.
 
 `--sr-variant softened` is OUR READING OF THE PAPER, not in the official code (uncertain): the hard targets
 are replaced by tau^2 * KL(teacher/tau || student/tau) of temperature-softened distributions; SR-F: softmax
@@ -29,19 +43,30 @@ over classes per pixel, teacher exit 1; SR-L: per-class Bernoulli (sigmoid) dist
 classifier (at tau=1 its gradient equals the official SR-L's). Teachers are detached.
 
 Deliberate deviations from the official code:
-- backbone: our DeepLab-v2 (output stride 8, ImageNet init, frozen-affine BN in train mode) shared with
-  source_only.py; the demo's ResNet puts stride 2 on layer3 (output stride 16), runs `net.eval()` throughout
-  (so its exit BNs never update) and starts from a COCO DeepLab file.
+- backbone: our DeepLab-v2 (output stride 8, ImageNet init) shared with source_only.py; the demo's ResNet
+  puts stride 2 on layer3 (output stride 16, lib/models/resnet.py) and starts from a COCO DeepLab file.
+- BN statistics: the demo runs `net.eval()` throughout, so every BN normalises with running statistics that
+  never update: the backbone's from the init file, the exits' at their initial mean 0 / variance 1 (each
+  exit BN is then a trainable per-channel scale and shift). Here training uses batch statistics (train mode,
+  the UDA scripts' recipe); `--bn-mode eval` gives the demo's behaviour, exits included.
 - labels: 255 is ignored in MEA-seg and left out of the class vector v; the VOC demo maps 255 to background.
 - SR-F covers all pixels as in the official code (its targets come from the prediction, not the label);
   `--sr-f-skip-ignored` drops the pixels labelled 255.
 - warm-up: `trainval.py` adds SR from the first iteration (`--sr-start-iter 0` reproduces it).
-- optimiser and data as source_only.py (lr 2.5e-4, wd 5e-4 on every trainable tensor); the demo trains VOC
-  at lr 0.01 with no weight decay on biases and multi-scale inputs.
+- optimiser and data as source_only.py (lr 2.5e-4, wd 5e-4 on every trainable tensor); the demo
+  (cfgs/res101.yml) trains VOC at lr 0.01 for 40k iterations, wd 1e-4 with none on biases, 321x321 inputs
+  at random scales 0.5-1.5 with flips.
 - BCE on logits (BCEWithLogits) instead of BCELoss on sigmoid outputs: same value, numerically stable.
 - `--sr-resolution half` (project choice, for memory) computes SR-F on maps upsampled to half the input size.
-- as in source_only.py: `--batch-size` is the global batch (split over torchrun processes) and the ASPP
-  sums all 4 branches (`--aspp-branches 2`: AdaptSegNet's quirk).
+- Mixed precision: on CUDA the forward and backward passes run under bf16 autocast (fp16 with a GradScaler
+  where bf16 is missing) with TF32 matmuls by default; the demo trains in fp32 (`--no-amp` gives fp32).
+  Every loss, the GAP feeding each image classifier, the upsampled maps, and the evaluation upsampling and
+  argmax are computed in fp32.
+- Resizing: images bicubic (PIL), as source_only.py (AdaptSegNet's loaders); labels nearest. The demo
+  resizes VOC with cv2 (bilinear).
+- as in source_only.py: `--batch-size` is the global batch (split over torchrun processes: 2 processes x
+  batch 1 = 1 x batch 2); the ASPP sums all 4 branches, as SR-SS's does (`--aspp-branches 2`: AdaptSegNet's
+  quirk); torchvision weights get layer2's stride on the 3x3 conv (`--stride-on auto`).
 Reported numbers: none for UDA. The paper's fully and weakly supervised tables use other hosts (e.g. SPGNet,
 OCRNet) and are not reproduced here.
 Logged losses: seg_src (CE of the main output, part of mea_seg), mea_seg, mea_cls, sr_l, sr_f (sr_l and sr_f
@@ -59,8 +84,9 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
-from common.checkpoint import load_checkpoint, load_weights, resume_path, rng_state, save_checkpoint, set_rng_state
-from common.cli import UserError, guard, parse_args
+from common.checkpoint import (load_checkpoint, load_matching, read_weights_file, resume_path, rng_state,
+                               save_checkpoint, set_rng_state)
+from common.cli import UserError, guard, imply, parse_args
 from common.data import SegDataset, TrainTransform, class_setup, domain_split, normalize, train_loader
 from common.metrics import evaluate_target
 from common.runlog import RunLog, param_counts
@@ -78,7 +104,8 @@ class Args:
     data_root: str = "data"
     """folder holding gta/, synthia/, cityscapes/"""
     preset: Literal["paper", "quick"] = "paper"
-    """paper: the published recipe; quick: CPU-sized run on the toy domains (explicit flags override it)"""
+    """paper: source_only.py's GTA5 recipe (AdaptSegNet's schedule) plus SR-SS's loss weights and exits; no UDA
+    recipe is published; quick: CPU-sized run on the toy domains (explicit flags override it)"""
     backbone: str = "resnet101"
     """DeepLab-v2 backbone: resnet18, resnet34, resnet50 or resnet101 (paper: resnet101)"""
     init: str = "imagenet"
@@ -110,7 +137,10 @@ class Args:
     eval_only: bool = False
     """evaluate --weights on the target val split, write results.json, exit"""
     weights: list[str] = field(default_factory=list)
-    """checkpoint(s) to evaluate with --eval-only"""
+    """file to evaluate with --eval-only: one of our checkpoints (its plain DeepLab-v2) or a DeepLab-v2 release"""
+    save_predictions: Optional[str] = None
+    """write every target-val prediction of the final evaluation as a PNG into this folder (Cityscapes: label
+    ids at 2048x1024, named as the official evaluation and benchmark scripts expect)"""
     dry_run: bool = False
     """build networks and optimisers, write config.json with parameter counts, exit without reading data"""
     log_every: int = 50
@@ -130,15 +160,21 @@ class Args:
     synthia_classes: int = 19
     """classes of the head when the source is SYNTHIA: 19 (evaluated on 16/13) or 16"""
     normalization: Literal["auto", "imagenet", "caffe"] = "auto"
-    """input normalisation; auto: caffe (BGR, mean only) for Caffe DeepLab init files, else imagenet"""
+    """input normalisation; auto: what the weights imply (caffe, BGR mean only, for the DeepLab-v2 Caffe files such
+    as SR-SS's init; imagenet for torchvision weights)"""
     multi_level: bool = False
     """add the auxiliary classifier on layer3 (weight lambda_seg_aux), as the multi-level methods do"""
     lambda_seg_aux: float = 0.1
-    """weight of the auxiliary segmentation loss (AdaptSegNet: 0.1)"""
+    """weight of the auxiliary segmentation loss, with --multi-level (AdaptSegNet: 0.1)"""
     aspp_branches: int = 4
-    """ASPP branches summed: 4 (ADVENT, BDL) or 2 (AdaptSegNet's released code)"""
+    """ASPP branches summed: 4 (ADVENT, BDL, SR-SS) or 2 (AdaptSegNet's released code)"""
+    stride_on: Literal["auto", "1x1", "3x3"] = "auto"
+    """conv holding layer2.0's stride: 1x1 (Caffe DeepLab-v2 layout), 3x3 (torchvision); auto: where the loaded
+    weights expect it (3x3 for torchvision weights, else 1x1)"""
     bn_mode: Literal["train", "eval"] = "train"
-    """frozen-affine BN with batch statistics (train, official) or running statistics (eval)"""
+    """BN statistics: batch statistics (train, the UDA scripts' recipe) or running statistics (eval; the exits'
+    BNs too, which then stay at mean 0 / variance 1 as in the SR-SS demo's net.eval()); backbone BN affine is
+    frozen, the exits' trains"""
     momentum: float = 0.9
     """SGD momentum (paper: 0.9)"""
     weight_decay: float = 5e-4
@@ -209,12 +245,13 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None, stride_on="1x1"):
         super().__init__()
-        # Caffe-style: the stride sits on the first 1x1 conv (torchvision: on the 3x3; same shapes)
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride, bias=False)
+        # Caffe-style: the stride sits on the first 1x1 conv; torchvision's on the 3x3 (same shapes)
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride if stride_on == "1x1" else 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=dilation, dilation=dilation, bias=False)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride if stride_on == "3x3" else 1, padding=dilation,
+                               dilation=dilation, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
@@ -238,9 +275,8 @@ class ASPP(nn.Module):
         super().__init__()
         self.convs = nn.ModuleList(nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d)
                                    for d in (6, 12, 18, 24)[:branches])
-        for conv in self.convs:
+        for conv in self.convs:  # weights N(0, 0.01); biases keep PyTorch's default init, as the official code
             nn.init.normal_(conv.weight, 0, 0.01)
-            nn.init.zeros_(conv.bias)
 
     def forward(self, x):
         return sum(conv(x) for conv in self.convs)
@@ -249,12 +285,13 @@ class ASPP(nn.Module):
 class DeepLabV2(nn.Module):
     """ResNet with output stride 8; returns (aux logits on layer3 or None, main logits on layer4)."""
 
-    def __init__(self, backbone="resnet101", num_classes=19, multi_level=False, aspp_branches=4, bn_mode="train"):
+    def __init__(self, backbone="resnet101", num_classes=19, multi_level=False, aspp_branches=4, bn_mode="train",
+                 stride_on="1x1"):
         super().__init__()
         if backbone not in RESNETS:
             raise UserError(f"unknown backbone '{backbone}': use one of {', '.join(RESNETS)}")
         block, layers = RESNETS[backbone]
-        self.bn_mode, self.inplanes = bn_mode, 64
+        self.bn_mode, self.inplanes, self.stride_on = bn_mode, 64, stride_on
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.maxpool = nn.MaxPool2d(3, 2, 1, ceil_mode=True)
@@ -275,7 +312,8 @@ class DeepLabV2(nn.Module):
         if stride != 1 or self.inplanes != planes * block.expansion or dilation > 1:
             downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
                                        nn.BatchNorm2d(planes * block.expansion))
-        layers = [block(self.inplanes, planes, stride, dilation, downsample)]
+        extra = {"stride_on": self.stride_on} if block is Bottleneck else {}  # BasicBlock: only 3x3 convs
+        layers = [block(self.inplanes, planes, stride, dilation, downsample, **extra)]
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes, 1, dilation) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
@@ -301,33 +339,118 @@ class DeepLabV2(nn.Module):
                 {"params": heads, "lr": lr * head_lr_mult, "lr_mult": head_lr_mult}]
 
 
-def load_init(model, init, backbone) -> str:
-    """Load --init into the model; return the input normalisation the weights expect."""
+def read_weights(path, flag="--init", script=None) -> dict:
+    """Recognise a DeepLab-v2 weights file by its content (never its name) and map it to DeepLabV2's names.
+
+    Returns {"kind": what it is, "state": tensors under our names, "implied": the flags it implies, "iter"}.
+    Layouts (../shared/reference/released-models.md):
+    - a checkpoint of this repository (a "script" key; `script` given: must be that script's): its model and
+      the network flags it was trained with;
+    - a torchvision ResNet state dict (fc.*): ImageNet input, stride on the 3x3;
+    - a DeepLab-v2 Caffe init file, every key under one prefix (AdaptSegNet's `Scale.` ImageNet+COCO file,
+      ADVENT's ImageNet file): the backbone (the official loaders drop the prefix and layer5), Caffe input;
+    - an authors' release, raw ResNet keys plus `layer5`/`layer6` ASPP heads (a head on 1024 channels sits on
+      layer3: the aux head): AdaptSegNet (aux + layer6, saved by torch < 0.4.1, i.e. without BN
+      num_batches_tracked: its code sums 2 ASPP branches), ADVENT (the same keys from torch >= 0.4.1: 4
+      branches), BDL (one layer5 head on layer4, torch 0.4.0: 2 branches); Caffe input, stride on the 1x1.
+    A flag typed on the command line beats what the file implies (common.cli.imply warns).
+    """
+    state = read_weights_file(path, flag)
+    if isinstance(state, dict) and "script" in state:  # ours
+        if script is not None and state["script"] != script:
+            raise UserError(f"{path} was written by {state['script']}, not {script}")
+        saved = state.get("args", {})
+        implied = {k: saved[k] for k in ("backbone", "multi_level", "aspp_branches", "stride_on") if k in saved}
+        implied.setdefault("stride_on", "1x1")  # checkpoints from before --stride-on used the Caffe layout
+        implied["normalization"] = state.get("normalization", "imagenet")
+        return {"kind": f"{state['script']} checkpoint", "state": state["model"], "implied": implied,
+                "iter": state.get("iter", 0), "num_classes": state.get("num_classes")}
+    for key in ("state_dict", "model", "model_state_dict"):  # common wrappers of a plain state dict
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"{flag} {path} is not a DeepLab-v2 weights file: accepted are our checkpoints, torchvision "
+                        f"ResNet state dicts, the DeepLab-v2 Caffe init files and the AdaptSegNet/ADVENT/BDL releases")
+    prefixes = {k.split(".", 1)[0] for k in state}
+    if len(prefixes) == 1 and f"{next(iter(prefixes))}.conv1.weight" in state:  # Caffe init: `Scale.conv1.weight`
+        state = {k.split(".", 1)[1]: v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if not k.startswith(("layer5.", "layer6."))}
+        return {"kind": "DeepLab-v2 Caffe init file (backbone)", "state": state, "iter": 0,
+                "implied": {"normalization": "caffe", "stride_on": "1x1", **resnet_of(state)}}
+    if "fc.weight" in state:
+        return {"kind": "torchvision ResNet", "iter": 0, "state": {k: v for k, v in state.items()
+                                                                    if not k.startswith("fc.")},
+                "implied": {"normalization": "imagenet", "stride_on": "3x3", **resnet_of(state)}}
+    heads = {name: state[f"{name}.conv2d_list.0.weight"] for name in ("layer5", "layer6")
+             if f"{name}.conv2d_list.0.weight" in state}
+    if not heads:
+        raise UserError(f"{flag} {path}: unrecognised layout (keys such as {', '.join(list(state)[:3])}); accepted "
+                        f"are our checkpoints, torchvision ResNets, the DeepLab-v2 Caffe init files and the "
+                        f"AdaptSegNet/ADVENT/BDL releases")
+    old_torch = not any(k.endswith("num_batches_tracked") for k in state)
+    aux = [name for name, w in heads.items() if w.shape[1] < max(h.shape[1] for h in heads.values())]
+    mapped = {}
+    for key, value in state.items():
+        name = key.split(".", 1)[0]
+        if name in heads:  # layer5/layer6.conv2d_list.i.* -> (aux_)head.convs.i.*
+            key = ("aux_head" if name in aux else "head") + ".convs." + key.split("conv2d_list.", 1)[1]
+        mapped[key] = value
+    multi = bool(aux)
+    kind = {(True, True): "AdaptSegNet release", (True, False): "ADVENT release"}.get(
+        (multi, old_torch), "BDL release" if old_torch else "DeepLab-v2 model")
+    implied = {"normalization": "caffe", "stride_on": "1x1", "multi_level": multi,
+               "aspp_branches": 2 if old_torch else 4, **resnet_of(state)}
+    return {"kind": kind, "state": mapped, "implied": implied, "iter": 0}
+
+
+def resnet_of(state) -> dict:
+    """{"backbone": name} when the blocks per layer and the block type of a ResNet state dict match one of
+    RESNETS (a file says which depth it is), else {}."""
+    blocks = [len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in (1, 2, 3, 4)]
+    bottleneck = any(k.endswith("conv3.weight") for k in state)
+    names = [n for n, (block, layers) in RESNETS.items() if layers == blocks and (block is Bottleneck) == bottleneck]
+    return {"backbone": names[0]} if names else {}
+
+
+def load_init(model, init, backbone, found=None) -> str:
+    """Load --init into the model (found: read_weights' result for a file); return the input normalisation the
+    weights expect. The backbone must load completely; heads the file lacks stay at random init (listed)."""
     if init == "none":
         return "imagenet"
     if init == "imagenet":
         state = torchvision.models.get_model(backbone, weights="IMAGENET1K_V1").state_dict()
-        caffe = False
-    else:
-        if not os.path.isfile(init):
-            raise UserError(f"--init {init}: no such file (use imagenet, none or a path)")
-        try:
-            state = torch.load(init, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"cannot load --init {init}: {str(e).splitlines()[0][:200]}") from None
-        state = state.get("model", state.get("state_dict", state))
-        caffe = any(k.startswith("Scale.") for k in state)  # the DeepLab-v2 Caffe init files
-        state = {k.removeprefix("Scale.").removeprefix("module."): v for k, v in state.items()}
-        state = {k: v for k, v in state.items() if not k.startswith(("layer5.", "layer6.", "fc."))}
-    own = model.state_dict()
-    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    backbone_keys = [k for k in own if "head" not in k]
-    missing = [k for k in backbone_keys if k not in matched]
-    if missing:
-        raise UserError(f"--init {init} does not fit a {backbone} DeepLab-v2: {len(missing)} of "
-                        f"{len(backbone_keys)} backbone tensors missing or misshapen (e.g. {missing[0]})")
-    model.load_state_dict(matched, strict=False)
-    return "caffe" if caffe else "imagenet"
+        found = {"kind": "torchvision ImageNet weights", "state": state, "implied": {"normalization": "imagenet"}}
+    load_matching(model, found["state"], f"--init {init} ({found['kind']})", required=lambda k: "head" not in k)
+    return found["implied"]["normalization"]
+
+
+def prepare_weights(args, ckpt_path, script, num_classes) -> Optional[dict]:
+    """Read the file of --eval-only --weights or --init (not when resuming), apply the flags it implies
+    (typed flags win), resolve --stride-on auto, print one line on what was recognised."""
+    found = None
+    if args.weights and not args.eval_only:
+        raise UserError("--weights is read by --eval-only; to start training from a file use --init PATH")
+    if args.eval_only:
+        if len(args.weights) != 1:
+            raise UserError("--eval-only needs exactly one --weights PATH")
+        found = read_weights(args.weights[0], "--weights", script)
+    elif ckpt_path:  # the network flags it was trained with; its normalisation comes back with the rest of its state
+        found = read_weights(ckpt_path, "--resume", script)
+        found["implied"].pop("normalization")
+    elif args.init not in ("imagenet", "none"):
+        found = read_weights(args.init)
+    if found is not None and found.get("num_classes") not in (None, num_classes):
+        raise UserError(f"{args.weights[0] if args.eval_only else ckpt_path} has {found['num_classes']} classes, "
+                        f"this run has {num_classes}")
+    if found is not None:
+        found["applied"] = imply(args, found["implied"], found["kind"])
+        quirks = {"aspp_branches": "{} ASPP branches", "multi_level": "multi-level: {}", "stride_on": "stride on {}",
+                  "normalization": "{} input"}
+        said = ", ".join(quirks[k].format(v) for k, v in found["applied"].items() if k in quirks)
+        print(f"recognised {found['kind']}" + (f": {said}" if said else ""), flush=True)
+    if args.stride_on == "auto":
+        args.stride_on = "3x3" if args.init == "imagenet" else "1x1"
+    return found
 
 
 def seg_loss(logits, labels, align_corners=True):
@@ -364,14 +487,26 @@ class SideExit(nn.Module):
 
 
 class ExitHeads(nn.Module):
-    """The training-only parameters: exits on stem, layer1, layer2, layer3 and the main output's classifier."""
+    """The training-only parameters: exits on stem, layer1, layer2, layer3 and the main output's classifier.
+    Their BNs train their affine parameters; bn_mode "eval" normalises with running statistics that never
+    update (the demo's `net.eval()`: the exits' stay at mean 0, variance 1), "train" with batch statistics."""
 
-    def __init__(self, backbone, num_classes, width=256):
+    def __init__(self, backbone, num_classes, width=256, bn_mode="train"):
         super().__init__()
         block, _ = RESNETS[backbone]
         channels = (64, 64 * block.expansion, 128 * block.expansion, 256 * block.expansion)
         self.exits = nn.ModuleList(SideExit(c, num_classes, width) for c in channels)
         self.main_classify = nn.Linear(num_classes, num_classes)
+        self.bn_mode = bn_mode
+        self.train()
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.bn_mode == "eval":
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
 
 
 class MultiExit(nn.Module):
@@ -459,13 +594,66 @@ def sr_f_loss(maps, variant="official", tau=1.0, valid=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-def main():
-    args = parse_args(Args, PRESETS, description=__doc__)
-    # ALGO LOGIC: -1 (the quick preset) scales the MEA-only warm-up to the schedule
-    if args.sr_start_iter == -1:
+# ALGO LOGIC: the method's flags, checked before anything is built
+def check_method_flags(args):
+    """Resolve --sr-start-iter -1 (a third of --iters) and refuse values that are invalid or could not act."""
+    if args.sr_start_iter == -1:  # the quick preset: the MEA-only warm-up scales with the schedule
         args.sr_start_iter = args.iters // 3
     if args.sr_start_iter < 0 or args.sr_temperature <= 0 or args.exit_channels < 1:
         raise UserError("--sr-start-iter must be >= 0 (or -1), --sr-temperature > 0 and --exit-channels >= 1")
+    if args.eval_only:  # evaluation trains nothing: the SR flags do not matter
+        return
+    if "sr_temperature" in getattr(args, "given", ()) and args.sr_variant == "official":
+        raise UserError("--sr-temperature: no effect with --sr-variant official (hard targets); use --sr-variant "
+                        "softened")
+    if args.sr_start_iter >= args.iters and (args.lambda_sr_l or args.lambda_sr_f):
+        raise UserError(f"--sr-start-iter {args.sr_start_iter} >= --iters {args.iters}: SR-L and SR-F would never be "
+                        f"optimised; lower --sr-start-iter (or pass --lambda-sr-l 0 --lambda-sr-f 0 for MEA only)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: one training iteration (main() calls it; tests/test_self_regulation.py checks it against a reference)
+def train_step(model, optimizer, rt, images, labels, it, args):
+    """One SGD step on a normalised source batch (trainval.py's loss; model: the (DDP-wrapped) MultiExit):
+    lambda_mea_cls * MEA-cls + lambda_mea_seg * MEA-seg (+ lambda_seg_aux * CE(aux) with --multi-level), plus
+    lambda_sr_l * SR-L + lambda_sr_f * SR-F from iteration args.sr_start_iter on (before it they are computed
+    without gradient, for the log). The five maps are upsampled to the label size (SR-F: half of it with
+    --sr-resolution half); the SR teachers are detached."""
+    with rt.autocast():
+        aux, segs, cls_logits = model(images)
+    num_classes = segs[0].shape[1]
+    maps = [upsample(s, labels.shape[-2:]) for s in segs]  # fp32 at input size
+    seg_losses = mea_seg_losses(maps, labels)
+    losses = {"seg_src": seg_losses[0], "mea_seg": sum(seg_losses),
+              "mea_cls": mea_cls_loss(cls_logits, labels, num_classes)}
+    if aux is not None:
+        losses["seg_aux"] = seg_loss(aux, labels)
+    sr_active = it >= args.sr_start_iter
+    with torch.set_grad_enabled(sr_active):  # during the warm-up SR is only logged
+        valid = labels != 255 if args.sr_f_skip_ignored else None
+        if args.sr_resolution == "half":
+            half = (labels.shape[-2] // 2, labels.shape[-1] // 2)
+            sr_maps = [upsample(s, half) for s in segs]
+            valid = upsample(valid[:, None].float(), half)[:, 0] > 0.5 if valid is not None else None
+        else:
+            sr_maps = maps
+        losses["sr_l"] = sr_l_loss(cls_logits, args.sr_variant, args.sr_temperature)
+        losses["sr_f"] = sr_f_loss(sr_maps, args.sr_variant, args.sr_temperature, valid)
+    loss = (args.lambda_mea_cls * losses["mea_cls"] + args.lambda_mea_seg * losses["mea_seg"]
+            + args.lambda_seg_aux * losses.get("seg_aux", 0.0))
+    if sr_active:
+        loss = loss + args.lambda_sr_l * losses["sr_l"] + args.lambda_sr_f * losses["sr_f"]
+    optimizer.zero_grad(set_to_none=True)
+    rt.scaler.scale(loss).backward()
+    rt.scaler.step(optimizer)
+    rt.scaler.update()
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------------
+def main():
+    args = parse_args(Args, PRESETS, description=__doc__)
+    check_method_flags(args)
     # TRY NOT TO MODIFY: setup
     rt = Runtime(args.device, args.amp)
     args.world_size, args.rank = rt.world, rt.rank
@@ -479,9 +667,11 @@ def main():
     ckpt_path = resume_path(args.resume, out_dir)
 
     # ALGO LOGIC: networks and optimisers
-    model = DeepLabV2(args.backbone, num_classes, args.multi_level, args.aspp_branches, args.bn_mode)
-    norm = load_init(model, args.init, args.backbone) if not (ckpt_path or args.eval_only or args.dry_run) else None
-    exits = ExitHeads(args.backbone, num_classes, args.exit_channels)
+    found = prepare_weights(args, ckpt_path, SCRIPT, num_classes)  # the --init/--weights file and what it implies
+    model = DeepLabV2(args.backbone, num_classes, args.multi_level, args.aspp_branches, args.bn_mode, args.stride_on)
+    norm = load_init(model, args.init, args.backbone, found) if not (ckpt_path or args.eval_only or args.dry_run) \
+        else None
+    exits = ExitHeads(args.backbone, num_classes, args.exit_channels, args.bn_mode)
     model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
     exits.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
     exit_group = {"params": list(exits.parameters()), "lr": args.lr * args.exit_lr_mult, "lr_mult": args.exit_lr_mult}
@@ -491,24 +681,30 @@ def main():
 
     # TRY NOT TO MODIFY: run folder, dry run, resume
     norm = args.normalization if args.normalization != "auto" else norm
+    loaded = {"file": args.weights[0] if args.eval_only else args.init, "kind": found["kind"],
+              "implied": found["applied"]} if found is not None else None
     log = RunLog(out_dir, rt.is_main)
-    log.write_config(SCRIPT, args, param_counts(**networks), normalization=norm, num_classes=num_classes)
+    log.write_config(SCRIPT, args, param_counts(**networks), normalization=norm, num_classes=num_classes,
+                     loaded=loaded)
     if args.dry_run:
         print(f"dry run: config written to {log.path('config.json')}")
         return
     start_iter = 0
-    if ckpt_path or args.eval_only:
-        if args.eval_only and len(args.weights) != 1:
-            raise UserError("--eval-only needs exactly one --weights PATH")
-        ckpt = load_checkpoint(args.weights[0] if args.eval_only else ckpt_path, SCRIPT, num_classes)
-        load_weights(model, ckpt["model"])
+    if args.eval_only:  # every tensor of the network from the file; nothing left over but unsummed ASPP convs
+        load_matching(model, found["state"], f"--weights {args.weights[0]} ({found['kind']})", required=lambda k: True,
+                      unused_ok=lambda k: ".convs.2." in k or ".convs.3." in k)
+        start_iter = found["iter"]
+    elif ckpt_path:
+        ckpt = load_checkpoint(ckpt_path, SCRIPT, num_classes)
+        load_matching(model, ckpt["model"], f"--resume {ckpt_path}", required=lambda k: True, unused_ok=lambda k: False,
+                      quiet=True)
         norm, start_iter = ckpt["normalization"], ckpt["iter"]
-        if not args.eval_only:
-            exits.load_state_dict(ckpt["exits"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            rt.scaler.load_state_dict(ckpt["scaler"])
-            set_rng_state(ckpt["rng"])
-            print(f"resumed from {ckpt_path} at iteration {start_iter}")
+        load_matching(exits, ckpt["exits"], f"--resume {ckpt_path} (exits)", required=lambda k: True,
+                      unused_ok=lambda k: False, quiet=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        rt.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        print(f"resumed from {ckpt_path} at iteration {start_iter}")
 
     def to_input(images):
         x = normalize(images.to(rt.device, non_blocking=True), norm)
@@ -519,18 +715,20 @@ def main():
     eval_size = args.eval_size or args.target_size or target_val.paper_size
 
     def evaluate_model(final=False):
+        rt.share_buffers(model)  # rank 0's BN statistics on every rank: the network its checkpoint holds
         model.eval()
         with torch.no_grad(), rt.autocast():
             summary = evaluate_target(lambda x: model(to_input(x))[1], target_val, rt, align_corners=True, log=log,
                                       num_predictions=args.num_predictions if final else 0, limit=args.eval_limit,
                                       eval_size=eval_size, pred_map=pred_map,
-                                      synthia_protocols=args.source == "synthia" and len(eval_classes) == 19)
+                                      synthia_protocols=args.source == "synthia" and len(eval_classes) == 19,
+                                      save_dir=args.save_predictions if final else None, num_workers=args.num_workers)
         model.train()
         return summary
 
     if args.eval_only:
         summary = evaluate_model(final=True)
-        log.write_results(summary, start_iter, weights=args.weights)
+        log.write_results(summary, start_iter, weights=args.weights, loaded=loaded)
         print(f"target val mIoU {summary['miou']:.2f} ({log.path('results.json')})")
         return
 
@@ -538,8 +736,9 @@ def main():
         if rt.is_main:
             save_checkpoint(log.path("checkpoints", "last.pt"), {
                 "script": SCRIPT, "num_classes": num_classes, "iter": it, "normalization": norm,
-                "args": dataclasses.asdict(args), "model": unwrap(model).state_dict(), "exits": exits.state_dict(),
-                "optimizer": optimizer.state_dict(), "scaler": rt.scaler.state_dict(), "rng": rng_state()})
+                "args": dataclasses.asdict(args), "model": unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict(), "scaler": rt.scaler.state_dict(), "rng": rng_state(),
+                "exits": exits.state_dict()})
 
     # ALGO LOGIC: data
     source_train = domain_split(args.source, "train", args.data_root, synthia_classes=args.synthia_classes)
@@ -547,7 +746,7 @@ def main():
     per_rank_batch = args.batch_size // rt.world
     source_batches = train_loader(SegDataset(source_train, source_transform), per_rank_batch, args.seed, start_iter,
                                   rt.rank, rt.world, num_workers=args.num_workers, pin_memory=rt.device.type == "cuda")
-    train_model = rt.wrap(MultiExit(model, exits))
+    train_model = rt.wrap(MultiExit(model, exits))  # the exits exist only in training
 
     # TRY NOT TO MODIFY: training loop
     running = {}
@@ -561,33 +760,7 @@ def main():
         # ALGO LOGIC: one iteration
         images, labels, _ = next(source_batches)
         labels = labels.to(rt.device, non_blocking=True).long()
-        with rt.autocast():
-            aux, segs, cls_logits = train_model(to_input(images))
-        maps = [upsample(s, labels.shape[-2:]) for s in segs]  # fp32 at input size
-        seg_losses = mea_seg_losses(maps, labels)
-        losses = {"seg_src": seg_losses[0], "mea_seg": sum(seg_losses),
-                  "mea_cls": mea_cls_loss(cls_logits, labels, num_classes)}
-        if aux is not None:
-            losses["seg_aux"] = seg_loss(aux, labels)
-        sr_active = it >= args.sr_start_iter
-        with torch.set_grad_enabled(sr_active):  # during the warm-up SR is only logged
-            valid = labels != 255 if args.sr_f_skip_ignored else None
-            if args.sr_resolution == "half":
-                half = (labels.shape[-2] // 2, labels.shape[-1] // 2)
-                sr_maps = [upsample(s, half) for s in segs]
-                valid = upsample(valid[:, None].float(), half)[:, 0] > 0.5 if valid is not None else None
-            else:
-                sr_maps = maps
-            losses["sr_l"] = sr_l_loss(cls_logits, args.sr_variant, args.sr_temperature)
-            losses["sr_f"] = sr_f_loss(sr_maps, args.sr_variant, args.sr_temperature, valid)
-        loss = (args.lambda_mea_cls * losses["mea_cls"] + args.lambda_mea_seg * losses["mea_seg"]
-                + args.lambda_seg_aux * losses.get("seg_aux", 0.0))
-        if sr_active:
-            loss = loss + args.lambda_sr_l * losses["sr_l"] + args.lambda_sr_f * losses["sr_f"]
-        optimizer.zero_grad(set_to_none=True)
-        rt.scaler.scale(loss).backward()
-        rt.scaler.step(optimizer)
-        rt.scaler.update()
+        losses = train_step(train_model, optimizer, rt, to_input(images), labels, it, args)
 
         # TRY NOT TO MODIFY: logging, evaluation, checkpoints
         for k, v in losses.items():
