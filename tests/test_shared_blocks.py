@@ -79,9 +79,19 @@ EXCEPTIONS = {
     ("bdl", "final evaluation"): ("differs", "reports the last stage's segmenter and the total segmentation "
                                              "iterations over all stages"),
     ("proda", "setup"): ("extends", "one memory-format name reused by the four stages' networks"),
-    ("proda", "run folder, dry run, resume"): ("differs", "a four-stage pipeline: each stage builds its own "
-                                                          "networks and run sub-folder"),
-    ("proda", "evaluation"): ("differs", "evaluates the current stage's network with that stage's size"),
+    ("proda", "run folder, dry run, resume"): ("differs", "a four-stage pipeline: every file it starts from is "
+                                                          "recognised up front (prepare_files; `loaded` lists them), "
+                                                          "each stage builds its own networks and run sub-folder, the "
+                                                          "run-level last.pt names the stage it resumes"),
+    ("proda", "evaluation"): ("differs", "evaluates the current stage's network (or the --eval-only file) with its "
+                                         "own input normalisation, images resized bilinearly as ProDA's loaders"),
+    ("proda", "training loop"): ("differs", "inside train_stage, once per stage: the stage's iterations, poly "
+                                            "horizon and optimisers (the warm-up's D Adam too), its own log"),
+    ("proda", "logging, evaluation, checkpoints"): ("differs", "per stage: the stage's metrics.jsonl, the --handover "
+                                                              "best snapshot, the stage's final weights beside the "
+                                                              "run-level resumable last.pt"),
+    ("proda", "final evaluation"): ("differs", "per stage: each stage's results.json; the run's results.json is its "
+                                               "last stage's, with the iterations of all stages"),
 }
 
 MARKER = re.compile(r"^\s*# (TRY NOT TO MODIFY|ALGO LOGIC)\b:?\s*(.*)$")
