@@ -545,11 +545,12 @@ def prepare_levels(args, ckpt_path, num_classes) -> Optional[dict]:
 # ----------------------------------------------------------------------------------------------------
 # ALGO LOGIC: one training iteration (main() calls it; tests/test_adaptsegnet.py checks it against a reference)
 def train_step(model, discriminators, train_discriminators, optimizer, d_optimizers, rt, images, labels,
-               target_images, lambda_seg_aux, lambda_adv, gan):
+               target_images, args):
     """One AdaptSegNet iteration in the official order (train_gta2cityscapes_multi.py), on normalised batches.
 
-    1. D frozen; source CE(main) + lambda_seg_aux * CE(aux) (aux: multi-level), backward;
-    2. target generator term sum over levels of lambda_adv[level] * loss(D_level(softmax(target)), source label)
+    1. D frozen; source CE(main) + args.lambda_seg_aux * CE(aux) (aux: multi-level), backward;
+    2. target generator term args.lambda_adv_aux * loss(D_aux(softmax(target aux)), source label) +
+       args.lambda_adv_main * loss(D_main(softmax(target main)), source label) (args.gan: BCE or least squares)
        through the unwrapped discriminators (frozen: no gradient into D, no DDP hook), backward;
     3. D unfrozen; per level 1/2 loss(D(softmax(source).detach()), source) + 1/2 loss(D(softmax(target).detach()),
        target) through the DDP-wrapped discriminators, backward;
@@ -557,6 +558,7 @@ def train_step(model, discriminators, train_discriminators, optimizer, d_optimiz
     model: the (DDP-wrapped) segmenter; discriminators: {level: D} for the levels trained ("aux", "main" or
     "main"); train_discriminators: the same, DDP-wrapped. Softmax maps are taken at the input size."""
     levels = list(discriminators)
+    lambda_adv = {"aux": args.lambda_adv_aux, "main": args.lambda_adv_main}
     optimizer.zero_grad(set_to_none=True)
     for d_optimizer in d_optimizers.values():
         d_optimizer.zero_grad(set_to_none=True)
@@ -568,7 +570,7 @@ def train_step(model, discriminators, train_discriminators, optimizer, d_optimiz
         losses = {"seg_src": seg_loss(main, labels)}
         if aux is not None:
             losses["seg_aux"] = seg_loss(aux, labels)
-        rt.scaler.scale(losses["seg_src"] + lambda_seg_aux * losses.get("seg_aux", 0.0)).backward()
+        rt.scaler.scale(losses["seg_src"] + args.lambda_seg_aux * losses.get("seg_aux", 0.0)).backward()
     source_maps = {level: softmax_at(out.detach(), images.shape[-2:])
                    for level, out in zip(("aux", "main"), (aux, main)) if level in levels}
     # 2. target: fool the discriminators (label source)
@@ -577,14 +579,14 @@ def train_step(model, discriminators, train_discriminators, optimizer, d_optimiz
     target_maps = {level: softmax_at(target_out[level], target_images.shape[-2:]) for level in levels}
     with rt.autocast():
         for level in levels:
-            losses[f"adv_{level}"] = generator_loss(discriminators[level], target_maps[level], gan)
+            losses[f"adv_{level}"] = generator_loss(discriminators[level], target_maps[level], args.gan)
     rt.scaler.scale(sum(lambda_adv[level] * losses[f"adv_{level}"] for level in levels)).backward()
     # 3. discriminators on the detached maps: source 0, target 1
     set_requires_grad(discriminators.values(), True)
     with rt.autocast():
         for level in levels:
             losses[f"d_{level}"] = discriminator_loss(train_discriminators[level], source_maps[level],
-                                                      target_maps[level], gan)
+                                                      target_maps[level], args.gan)
     rt.scaler.scale(sum(losses[f"d_{level}"] for level in levels)).backward()
     # 4. step all
     rt.scaler.step(optimizer)
@@ -618,7 +620,6 @@ def main():
     optimizer = torch.optim.SGD(model.param_groups(args.lr, args.head_lr_mult), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     levels = ("aux", "main") if args.multi_level else ("main",)
-    lambda_adv = {"aux": args.lambda_adv_aux, "main": args.lambda_adv_main}
     discriminators = {level: FCDiscriminator(num_classes).to(
         rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
         for level in levels}
@@ -722,8 +723,7 @@ def main():
         target_images, _, _ = next(target_batches)
         labels = labels.to(rt.device, non_blocking=True).long()
         losses = train_step(train_model, discriminators, train_discriminators, optimizer, d_optimizers, rt,
-                            to_input(images), labels, to_input(target_images), args.lambda_seg_aux, lambda_adv,
-                            args.gan)
+                            to_input(images), labels, to_input(target_images), args)
 
         # TRY NOT TO MODIFY: logging, evaluation, checkpoints
         for k, v in losses.items():
