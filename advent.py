@@ -71,6 +71,7 @@ Deviations from the official code:
 Docs: README.md, section "Methods"; benchmarks/advent.md.
 """
 import contextlib
+import copy
 import dataclasses
 import math
 import os
@@ -83,8 +84,9 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
-from common.checkpoint import load_checkpoint, load_weights, resume_path, rng_state, save_checkpoint, set_rng_state
-from common.cli import UserError, guard, parse_args
+from common.checkpoint import (load_checkpoint, load_matching, read_weights_file, resume_path, rng_state,
+                               save_checkpoint, set_rng_state)
+from common.cli import UserError, guard, imply, parse_args
 from common.data import SegDataset, TrainTransform, class_setup, domain_split, normalize, train_loader
 from common.metrics import evaluate_target
 from common.runlog import RunLog, param_counts
@@ -135,7 +137,11 @@ class Args:
     eval_only: bool = False
     """evaluate --weights on the target val split, write results.json, exit"""
     weights: list[str] = field(default_factory=list)
-    """checkpoint(s) to evaluate with --eval-only"""
+    """file to evaluate with --eval-only: one of our checkpoints or an authors' release (README, released models); a
+    second --weights makes the test-time ensemble (mean of the two models' main logits)"""
+    save_predictions: Optional[str] = None
+    """write every target-val prediction of the final evaluation as a PNG into this folder (Cityscapes: label
+    ids at 2048x1024, named as the official evaluation and benchmark scripts expect)"""
     dry_run: bool = False
     """build networks and optimisers, write config.json with parameter counts, exit without reading data"""
     log_every: int = 50
@@ -155,13 +161,17 @@ class Args:
     synthia_classes: int = 19
     """classes of the head when the source is SYNTHIA: 19 (evaluated on 16/13) or 16"""
     normalization: Literal["auto", "imagenet", "caffe"] = "auto"
-    """input normalisation; auto: caffe (BGR, mean only) for Caffe DeepLab init files, else imagenet"""
+    """input normalisation; auto: what the weights imply (caffe, BGR mean only, for the DeepLab-v2 Caffe files and
+    the releases; imagenet for torchvision weights)"""
     multi_level: bool = True
     """add the auxiliary classifier on layer3 (weight lambda_seg_aux), as the multi-level methods do"""
     lambda_seg_aux: float = 0.1
-    """weight of the auxiliary segmentation loss (AdaptSegNet: 0.1)"""
+    """weight of the auxiliary segmentation loss, with --multi-level (AdaptSegNet: 0.1)"""
     aspp_branches: int = 4
     """ASPP branches summed: 4 (ADVENT, BDL) or 2 (AdaptSegNet's released code)"""
+    stride_on: Literal["auto", "1x1", "3x3"] = "auto"
+    """conv holding layer2.0's stride: 1x1 (Caffe DeepLab-v2 layout), 3x3 (torchvision); auto: where the loaded
+    weights expect it (3x3 for torchvision weights, else 1x1)"""
     bn_mode: Literal["train", "eval"] = "train"
     """frozen-affine BN with batch statistics (train, official) or running statistics (eval)"""
     momentum: float = 0.9
@@ -230,12 +240,13 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None, stride_on="1x1"):
         super().__init__()
-        # Caffe-style: the stride sits on the first 1x1 conv (torchvision: on the 3x3; same shapes)
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride, bias=False)
+        # Caffe-style: the stride sits on the first 1x1 conv; torchvision's on the 3x3 (same shapes)
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride if stride_on == "1x1" else 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=dilation, dilation=dilation, bias=False)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride if stride_on == "3x3" else 1, padding=dilation,
+                               dilation=dilation, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
@@ -259,9 +270,8 @@ class ASPP(nn.Module):
         super().__init__()
         self.convs = nn.ModuleList(nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d)
                                    for d in (6, 12, 18, 24)[:branches])
-        for conv in self.convs:
+        for conv in self.convs:  # weights N(0, 0.01); biases keep PyTorch's default init, as the official code
             nn.init.normal_(conv.weight, 0, 0.01)
-            nn.init.zeros_(conv.bias)
 
     def forward(self, x):
         return sum(conv(x) for conv in self.convs)
@@ -270,12 +280,13 @@ class ASPP(nn.Module):
 class DeepLabV2(nn.Module):
     """ResNet with output stride 8; returns (aux logits on layer3 or None, main logits on layer4)."""
 
-    def __init__(self, backbone="resnet101", num_classes=19, multi_level=False, aspp_branches=4, bn_mode="train"):
+    def __init__(self, backbone="resnet101", num_classes=19, multi_level=False, aspp_branches=4, bn_mode="train",
+                 stride_on="1x1"):
         super().__init__()
         if backbone not in RESNETS:
             raise UserError(f"unknown backbone '{backbone}': use one of {', '.join(RESNETS)}")
         block, layers = RESNETS[backbone]
-        self.bn_mode, self.inplanes = bn_mode, 64
+        self.bn_mode, self.inplanes, self.stride_on = bn_mode, 64, stride_on
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.maxpool = nn.MaxPool2d(3, 2, 1, ceil_mode=True)
@@ -296,7 +307,8 @@ class DeepLabV2(nn.Module):
         if stride != 1 or self.inplanes != planes * block.expansion or dilation > 1:
             downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
                                        nn.BatchNorm2d(planes * block.expansion))
-        layers = [block(self.inplanes, planes, stride, dilation, downsample)]
+        extra = {"stride_on": self.stride_on} if block is Bottleneck else {}  # BasicBlock: only 3x3 convs
+        layers = [block(self.inplanes, planes, stride, dilation, downsample, **extra)]
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes, 1, dilation) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
@@ -322,33 +334,118 @@ class DeepLabV2(nn.Module):
                 {"params": heads, "lr": lr * head_lr_mult, "lr_mult": head_lr_mult}]
 
 
-def load_init(model, init, backbone) -> str:
-    """Load --init into the model; return the input normalisation the weights expect."""
+def read_weights(path, flag="--init", script=None) -> dict:
+    """Recognise a DeepLab-v2 weights file by its content (never its name) and map it to DeepLabV2's names.
+
+    Returns {"kind": what it is, "state": tensors under our names, "implied": the flags it implies, "iter"}.
+    Layouts (../shared/reference/released-models.md):
+    - a checkpoint of this repository (a "script" key; `script` given: must be that script's): its model and
+      the network flags it was trained with;
+    - a torchvision ResNet state dict (fc.*): ImageNet input, stride on the 3x3;
+    - a DeepLab-v2 Caffe init file, every key under one prefix (AdaptSegNet's `Scale.` ImageNet+COCO file,
+      ADVENT's ImageNet file): the backbone (the official loaders drop the prefix and layer5), Caffe input;
+    - an authors' release, raw ResNet keys plus `layer5`/`layer6` ASPP heads (a head on 1024 channels sits on
+      layer3: the aux head): AdaptSegNet (aux + layer6, saved by torch < 0.4.1, i.e. without BN
+      num_batches_tracked: its code sums 2 ASPP branches), ADVENT (the same keys from torch >= 0.4.1: 4
+      branches), BDL (one layer5 head on layer4, torch 0.4.0: 2 branches); Caffe input, stride on the 1x1.
+    A flag typed on the command line beats what the file implies (common.cli.imply warns).
+    """
+    state = read_weights_file(path, flag)
+    if isinstance(state, dict) and "script" in state:  # ours
+        if script is not None and state["script"] != script:
+            raise UserError(f"{path} was written by {state['script']}, not {script}")
+        saved = state.get("args", {})
+        implied = {k: saved[k] for k in ("backbone", "multi_level", "aspp_branches", "stride_on") if k in saved}
+        implied.setdefault("stride_on", "1x1")  # checkpoints from before --stride-on used the Caffe layout
+        implied["normalization"] = state.get("normalization", "imagenet")
+        return {"kind": f"{state['script']} checkpoint", "state": state["model"], "implied": implied,
+                "iter": state.get("iter", 0), "num_classes": state.get("num_classes")}
+    for key in ("state_dict", "model", "model_state_dict"):  # common wrappers of a plain state dict
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"{flag} {path} is not a DeepLab-v2 weights file: accepted are our checkpoints, torchvision "
+                        f"ResNet state dicts, the DeepLab-v2 Caffe init files and the AdaptSegNet/ADVENT/BDL releases")
+    prefixes = {k.split(".", 1)[0] for k in state}
+    if len(prefixes) == 1 and f"{next(iter(prefixes))}.conv1.weight" in state:  # Caffe init: `Scale.conv1.weight`
+        state = {k.split(".", 1)[1]: v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if not k.startswith(("layer5.", "layer6."))}
+        return {"kind": "DeepLab-v2 Caffe init file (backbone)", "state": state, "iter": 0,
+                "implied": {"normalization": "caffe", "stride_on": "1x1", **resnet_of(state)}}
+    if "fc.weight" in state:
+        return {"kind": "torchvision ResNet", "iter": 0, "state": {k: v for k, v in state.items()
+                                                                    if not k.startswith("fc.")},
+                "implied": {"normalization": "imagenet", "stride_on": "3x3", **resnet_of(state)}}
+    heads = {name: state[f"{name}.conv2d_list.0.weight"] for name in ("layer5", "layer6")
+             if f"{name}.conv2d_list.0.weight" in state}
+    if not heads:
+        raise UserError(f"{flag} {path}: unrecognised layout (keys such as {', '.join(list(state)[:3])}); accepted "
+                        f"are our checkpoints, torchvision ResNets, the DeepLab-v2 Caffe init files and the "
+                        f"AdaptSegNet/ADVENT/BDL releases")
+    old_torch = not any(k.endswith("num_batches_tracked") for k in state)
+    aux = [name for name, w in heads.items() if w.shape[1] < max(h.shape[1] for h in heads.values())]
+    mapped = {}
+    for key, value in state.items():
+        name = key.split(".", 1)[0]
+        if name in heads:  # layer5/layer6.conv2d_list.i.* -> (aux_)head.convs.i.*
+            key = ("aux_head" if name in aux else "head") + ".convs." + key.split("conv2d_list.", 1)[1]
+        mapped[key] = value
+    multi = bool(aux)
+    kind = {(True, True): "AdaptSegNet release", (True, False): "ADVENT release"}.get(
+        (multi, old_torch), "BDL release" if old_torch else "DeepLab-v2 model")
+    implied = {"normalization": "caffe", "stride_on": "1x1", "multi_level": multi,
+               "aspp_branches": 2 if old_torch else 4, **resnet_of(state)}
+    return {"kind": kind, "state": mapped, "implied": implied, "iter": 0}
+
+
+def resnet_of(state) -> dict:
+    """{"backbone": name} when the blocks per layer and the block type of a ResNet state dict match one of
+    RESNETS (a file says which depth it is), else {}."""
+    blocks = [len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in (1, 2, 3, 4)]
+    bottleneck = any(k.endswith("conv3.weight") for k in state)
+    names = [n for n, (block, layers) in RESNETS.items() if layers == blocks and (block is Bottleneck) == bottleneck]
+    return {"backbone": names[0]} if names else {}
+
+
+def load_init(model, init, backbone, found=None) -> str:
+    """Load --init into the model (found: read_weights' result for a file); return the input normalisation the
+    weights expect. The backbone must load completely; heads the file lacks stay at random init (listed)."""
     if init == "none":
         return "imagenet"
     if init == "imagenet":
         state = torchvision.models.get_model(backbone, weights="IMAGENET1K_V1").state_dict()
-        caffe = False
-    else:
-        if not os.path.isfile(init):
-            raise UserError(f"--init {init}: no such file (use imagenet, none or a path)")
-        try:
-            state = torch.load(init, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"cannot load --init {init}: {str(e).splitlines()[0][:200]}") from None
-        state = state.get("model", state.get("state_dict", state))
-        caffe = any(k.startswith("Scale.") for k in state)  # the DeepLab-v2 Caffe init files
-        state = {k.removeprefix("Scale.").removeprefix("module."): v for k, v in state.items()}
-        state = {k: v for k, v in state.items() if not k.startswith(("layer5.", "layer6.", "fc."))}
-    own = model.state_dict()
-    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    backbone_keys = [k for k in own if "head" not in k]
-    missing = [k for k in backbone_keys if k not in matched]
-    if missing:
-        raise UserError(f"--init {init} does not fit a {backbone} DeepLab-v2: {len(missing)} of "
-                        f"{len(backbone_keys)} backbone tensors missing or misshapen (e.g. {missing[0]})")
-    model.load_state_dict(matched, strict=False)
-    return "caffe" if caffe else "imagenet"
+        found = {"kind": "torchvision ImageNet weights", "state": state, "implied": {"normalization": "imagenet"}}
+    load_matching(model, found["state"], f"--init {init} ({found['kind']})", required=lambda k: "head" not in k)
+    return found["implied"]["normalization"]
+
+
+def prepare_weights(args, ckpt_path, script, num_classes) -> Optional[dict]:
+    """Read the file of --eval-only --weights or --init (not when resuming), apply the flags it implies
+    (typed flags win), resolve --stride-on auto, print one line on what was recognised."""
+    found = None
+    if args.weights and not args.eval_only:
+        raise UserError("--weights is read by --eval-only; to start training from a file use --init PATH")
+    if args.eval_only:
+        if len(args.weights) != 1:
+            raise UserError("--eval-only needs exactly one --weights PATH")
+        found = read_weights(args.weights[0], "--weights", script)
+    elif ckpt_path:  # the network flags it was trained with; its normalisation comes back with the rest of its state
+        found = read_weights(ckpt_path, "--resume", script)
+        found["implied"].pop("normalization")
+    elif args.init not in ("imagenet", "none"):
+        found = read_weights(args.init)
+    if found is not None and found.get("num_classes") not in (None, num_classes):
+        raise UserError(f"{args.weights[0] if args.eval_only else ckpt_path} has {found['num_classes']} classes, "
+                        f"this run has {num_classes}")
+    if found is not None:
+        found["applied"] = imply(args, found["implied"], found["kind"])
+        quirks = {"aspp_branches": "{} ASPP branches", "multi_level": "multi-level: {}", "stride_on": "stride on {}",
+                  "normalization": "{} input"}
+        said = ", ".join(quirks[k].format(v) for k, v in found["applied"].items() if k in quirks)
+        print(f"recognised {found['kind']}" + (f": {said}" if said else ""), flush=True)
+    if args.stride_on == "auto":
+        args.stride_on = "3x3" if args.init == "imagenet" else "1x1"
+    return found
 
 
 def seg_loss(logits, labels, align_corners=True):
@@ -450,6 +547,8 @@ def check_method_flags(args):
     """A method flag the user typed must act: refuse those the chosen mode or level setting ignores."""
     if args.entropy_top_fraction is not None and not 0 < args.entropy_top_fraction <= 1:
         raise UserError(f"--entropy-top-fraction {args.entropy_top_fraction}: use a fraction in (0, 1] or none")
+    if len(args.weights) > 2:
+        raise UserError(f"{len(args.weights)} --weights: --eval-only takes one, or two for the ensemble")
     if args.eval_only:  # evaluation trains nothing; the checkpoints carry their own recipe
         return
     ignored = {"advent": ["entropy_top_fraction", "lambda_ent_main", "lambda_ent_aux"],
@@ -472,6 +571,44 @@ def parse_advent_args(argv=None):
         args = parse_args(Args, presets, argv, description=__doc__)
     check_method_flags(args)
     return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: the test-time ensemble (AdvEnt + MinEnt(+ER): scripts/configs/advent+minent_pretrained.yml)
+def prepare_ensemble(args, ckpt_path, num_classes):
+    """prepare_weights; for the ensemble (--eval-only with two --weights) once per file, each on its own copy of
+    the arguments, so that each network is built with the flags and the normalisation its own file implies. A
+    typed flag applies to both (imply warns where it contradicts either file). Returns (found, partner): partner
+    is None, or the second network's {"args", "found" (read_weights' result), "loaded" (for config/results.json)}."""
+    if not (args.eval_only and len(args.weights) == 2):
+        return prepare_weights(args, ckpt_path, SCRIPT, num_classes), None
+    paths, partner_args = list(args.weights), copy.copy(args)  # a shallow copy keeps args.given
+    args.weights, partner_args.weights = paths[:1], paths[1:]
+    found = prepare_weights(args, ckpt_path, SCRIPT, num_classes)
+    found_b = prepare_weights(partner_args, ckpt_path, SCRIPT, num_classes)
+    args.weights = paths
+    return found, {"args": partner_args, "found": found_b,
+                   "loaded": {"file": paths[1], "kind": found_b["kind"], "implied": found_b["applied"],
+                              "normalization": partner_args.normalization}}
+
+
+class Ensemble(nn.Module):
+    """weights[i] * main logits of network i, summed (eval_UDA.py eval_single; 0.5/0.5 for ADVENT's ensemble). It
+    takes the raw uint8 images and gives each network the normalisation its own file implies. The sum is taken
+    before evaluate's bilinear upsampling: interpolation is linear, so it equals the sum of upsampled logits."""
+
+    def __init__(self, networks, normalizations, channels_last, weights=(0.5, 0.5)):
+        super().__init__()
+        self.networks = nn.ModuleList(networks)
+        self.normalizations, self.channels_last, self.weights = list(normalizations), channels_last, weights
+
+    def forward(self, images):
+        main = 0.0
+        for network, norm, weight in zip(self.networks, self.normalizations, self.weights):
+            x = normalize(images, norm)
+            x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+            main = main + weight * network(x)[1].float()
+        return None, main
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -561,8 +698,10 @@ def main():
     ckpt_path = resume_path(args.resume, out_dir)
 
     # ALGO LOGIC: networks and optimisers
-    model = DeepLabV2(args.backbone, num_classes, args.multi_level, args.aspp_branches, args.bn_mode)
-    norm = load_init(model, args.init, args.backbone) if not (ckpt_path or args.eval_only or args.dry_run) else None
+    found, partner = prepare_ensemble(args, ckpt_path, num_classes)  # the --init/--weights file(s), what they imply
+    model = DeepLabV2(args.backbone, num_classes, args.multi_level, args.aspp_branches, args.bn_mode, args.stride_on)
+    norm = load_init(model, args.init, args.backbone, found) if not (ckpt_path or args.eval_only or args.dry_run) \
+        else None
     model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
     optimizer = torch.optim.SGD(model.param_groups(args.lr, args.head_lr_mult), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
@@ -571,76 +710,82 @@ def main():
     lambda_ent = {"aux": args.lambda_ent_aux, "main": args.lambda_ent_main}
     discriminators = {level: FCDiscriminator(num_classes).to(
         rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
-        for level in levels} if args.mode == "advent" else {}
+        for level in levels} if args.mode == "advent" and not args.eval_only else {}
     d_optimizers = {level: torch.optim.Adam([{"params": d.parameters(), "lr_mult": 1.0}], lr=args.lr_d,
                                             betas=(0.9, 0.99)) for level, d in discriminators.items()}
     networks = {"model": model, **{f"disc_{level}": d for level, d in discriminators.items()}}
+    if partner is not None:  # the ensemble's second network, built as its own file implies
+        built = partner["args"]
+        networks["ensemble_member"] = partner["model"] = DeepLabV2(
+            built.backbone, num_classes, built.multi_level, built.aspp_branches, built.bn_mode, built.stride_on).to(
+            rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
 
     # TRY NOT TO MODIFY: run folder, dry run, resume
     norm = args.normalization if args.normalization != "auto" else norm
+    loaded = {"file": args.weights[0] if args.eval_only else args.init, "kind": found["kind"],
+              "implied": found["applied"]} if found is not None else None
+    loaded = [{**loaded, "normalization": norm}, partner["loaded"]] if partner is not None else loaded  # ensemble
     log = RunLog(out_dir, rt.is_main)
-    log.write_config(SCRIPT, args, param_counts(**networks), normalization=norm, num_classes=num_classes)
+    log.write_config(SCRIPT, args, param_counts(**networks), normalization=norm, num_classes=num_classes,
+                     loaded=loaded)
     if args.dry_run:
         print(f"dry run: config written to {log.path('config.json')}")
         return
     start_iter = 0
-    if ckpt_path or args.eval_only:
-        if args.eval_only and len(args.weights) not in (1, 2):
-            raise UserError("--eval-only needs one --weights PATH, or two for the AdvEnt+MinEnt ensemble")
-        ckpt = load_checkpoint(args.weights[0] if args.eval_only else ckpt_path, SCRIPT, num_classes)
-        load_weights(model, ckpt["model"])
+    if args.eval_only:  # every tensor of the network from the file; nothing left over but unsummed ASPP convs
+        load_matching(model, found["state"], f"--weights {args.weights[0]} ({found['kind']})", required=lambda k: True,
+                      unused_ok=lambda k: ".convs.2." in k or ".convs.3." in k)
+        start_iter = found["iter"]
+    elif ckpt_path:
+        ckpt = load_checkpoint(ckpt_path, SCRIPT, num_classes)
+        if ckpt["args"].get("mode", args.mode) != args.mode:  # a MinEnt checkpoint holds no discriminators
+            raise UserError(f"--resume {ckpt_path} was trained with --mode {ckpt['args']['mode']}, not {args.mode}")
+        load_matching(model, ckpt["model"], f"--resume {ckpt_path}", required=lambda k: True, unused_ok=lambda k: False,
+                      quiet=True)
         norm, start_iter = ckpt["normalization"], ckpt["iter"]
-        if not args.eval_only:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            for level in discriminators:
-                discriminators[level].load_state_dict(ckpt[f"disc_{level}"])
-                d_optimizers[level].load_state_dict(ckpt[f"optimizer_d_{level}"])
-            rt.scaler.load_state_dict(ckpt["scaler"])
-            set_rng_state(ckpt["rng"])
-            print(f"resumed from {ckpt_path} at iteration {start_iter}")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for level, d in discriminators.items():
+            load_matching(d, ckpt[f"disc_{level}"], f"--resume {ckpt_path} (disc_{level})", required=lambda k: True,
+                          unused_ok=lambda k: False, quiet=True)
+            d_optimizers[level].load_state_dict(ckpt[f"optimizer_d_{level}"])
+        rt.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        print(f"resumed from {ckpt_path} at iteration {start_iter}")
 
     def to_input(images):
         x = normalize(images.to(rt.device, non_blocking=True), norm)
         return x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x
 
-    # ALGO LOGIC: AdvEnt+MinEnt ensemble: --eval-only with a second --weights averages the main logits 0.5/0.5
-    model_b, norm_b = None, None
-    if args.eval_only and len(args.weights) == 2:
-        ckpt_b = load_checkpoint(args.weights[1], SCRIPT, num_classes)
-        built = ckpt_b["args"]  # the second model may differ in backbone or heads; output stride 8 either way
-        model_b = DeepLabV2(built["backbone"], num_classes, built["multi_level"], built["aspp_branches"])
-        model_b.load_state_dict(ckpt_b["model"])
-        model_b.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
-        model_b.eval()
-        norm_b = ckpt_b["normalization"]
+    # ALGO LOGIC: the test-time ensemble (--eval-only with two --weights): the evaluation below scores `model`, here
+    # the ensemble of both networks, which normalises each network's input as that network's file implies
+    if partner is not None:
+        found_b = partner["found"]
+        load_matching(partner["model"], found_b["state"], f"--weights {partner['args'].weights[0]} ({found_b['kind']})",
+                      required=lambda k: True, unused_ok=lambda k: ".convs.2." in k or ".convs.3." in k)
+        model = Ensemble([model, partner["model"]], [norm, partner["args"].normalization], rt.channels_last)
 
-    def predict(images):
-        """Main logits, or the ensemble's mean; averaging before evaluate's bilinear upsampling equals
-        averaging the upsampled logits (interpolation is linear)."""
-        logits = model(to_input(images))[1]
-        if model_b is None:
-            return logits
-        x_b = normalize(images.to(rt.device, non_blocking=True), norm_b)
-        x_b = x_b.contiguous(memory_format=torch.channels_last) if rt.channels_last else x_b
-        return 0.5 * logits.float() + 0.5 * model_b(x_b)[1].float()
+        def to_input(images):  # the raw images: the ensemble normalises each network's input itself
+            return images.to(rt.device, non_blocking=True)
 
     # TRY NOT TO MODIFY: evaluation
     target_val = domain_split(args.target, "val", args.data_root)
     eval_size = args.eval_size or args.target_size or target_val.paper_size
 
     def evaluate_model(final=False):
+        rt.share_buffers(model)  # rank 0's BN statistics on every rank: the network its checkpoint holds
         model.eval()
         with torch.no_grad(), rt.autocast():
-            summary = evaluate_target(predict, target_val, rt, align_corners=True, log=log,
+            summary = evaluate_target(lambda x: model(to_input(x))[1], target_val, rt, align_corners=True, log=log,
                                       num_predictions=args.num_predictions if final else 0, limit=args.eval_limit,
                                       eval_size=eval_size, pred_map=pred_map,
-                                      synthia_protocols=args.source == "synthia" and len(eval_classes) == 19)
+                                      synthia_protocols=args.source == "synthia" and len(eval_classes) == 19,
+                                      save_dir=args.save_predictions if final else None, num_workers=args.num_workers)
         model.train()
         return summary
 
     if args.eval_only:
         summary = evaluate_model(final=True)
-        log.write_results(summary, start_iter, weights=args.weights)
+        log.write_results(summary, start_iter, weights=args.weights, loaded=loaded)
         print(f"target val mIoU {summary['miou']:.2f} ({log.path('results.json')})")
         return
 
