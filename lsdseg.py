@@ -62,15 +62,36 @@ its gradient norm on G is 2.7e-5 of G's total at 640x320 (paper widths, at initi
 96x192 (quick preset, iteration 100) (benchmarks/lsdseg_grad_ratio.py, benchmarks/lsdseg.md), so G is driven
 by D's class head and real/fake terms; `--l1-weight` keeps the published 1.0 and reproduces that.
 
-Update order on current PyTorch: the official code backpropagates L_G and L_F through graphs whose D (and G)
-had already been stepped, which current PyTorch refuses (in-place modification). Here F runs once per
-domain; G runs on the detached embedding for the D and G steps; D is re-run after its own step for L_G;
-after the G step, G and D are re-run (frozen, requires_grad off) on the kept embedding to build L_F; each
-step changes only its own network.
+Update order on current PyTorch (train_step; tests/test_lsdseg.py checks it against a hand-written step): the
+official code backpropagates L_G and L_F through graphs whose D (and G) had already been stepped, which current
+PyTorch refuses (in-place modification of saved weights).
+Here F runs once per domain; G runs on the detached embedding for the D and G steps; D is re-run after its own
+step for L_G; after the G step, G and D are re-run (frozen, requires_grad off) on the kept embedding to build
+L_F; each step changes only its own network and each backward reaches only the network it steps.
+
+Weights files (no LSD-seg model was released; released-models.md). `--init PATH`, `--eval-only --weights PATH`
+and `--resume` files are recognised by their content (read_fcn_weights), the flags they imply are applied unless
+typed (a typed flag wins, with a warning), one line says what was recognised, and every tensor of F is loaded
+or listed:
+- LSD-seg's init `vgg16_from_caffe.pth` (md5 aa75b158..., fetched by the official code through the `fcn`
+  package) is a torchvision VGG-16 state dict (torchfcn/models/vgg.py:9-24) converted from Caffe: it expects
+  Caffe input (BGR 0-255 minus the means, segmentation_datasets.py:35,50-51). Its keys and shapes are those of
+  torchvision's own ImageNet VGG-16 (`vgg16-397923af.pth`, ImageNet input), so the two published files are told
+  apart by their digests; any other file of this layout is taken as Caffe-trained (it is what `--init PATH` is
+  for; torchvision's weights are `--init imagenet`) and `--normalization imagenet` says otherwise.
+- an official LSD-seg training checkpoint (trainer_LSD.py:160-167: F's torchfcn names conv1_1 ... fc7, score_*,
+  upscore* under 'model_state_dict', with a numpy `best_mean_iu`), or F's bare state dict: eval_cityscapes.py
+  :111-115 accepts both, and so do `--eval-only --weights` and `--init`; Caffe input, 19 classes. G and D are
+  not in it (nor needed to evaluate). The paper preset's evaluation is already eval_cityscapes.py's.
+- our checkpoints: F, its normalisation and the network flags it was trained with (backbone; G/D width for
+  --resume and --eval-only).
+Python 2 pickles (the official code is Python 2) need common.checkpoint.read_weights_file to decode their byte
+strings as latin1 (requested of its owner; until then such a file gives one `error:` line naming the codec).
 
 Deviations from the official code:
 - init: torchvision ImageNet VGG-16 (`--init imagenet`, classifier.0/classifier.3 reshaped into fc6/fc7)
-  with ImageNet normalisation, instead of the Caffe VGG-16 with BGR means; D sees RGB (official: BGR).
+  with ImageNet normalisation, instead of the Caffe VGG-16 with BGR means (`--init vgg16_from_caffe.pth` loads
+  the official one with Caffe input, above); D sees RGB in [0, 1] (official: BGR).
 - Mixed precision: on CUDA the forward and backward passes run under bf16 autocast (fp16 with a GradScaler
   where bf16 is missing) with TF32 matmuls by default; the paper trained in fp32 (`--no-amp` gives fp32).
   Losses (every CE and L1 term, their scale factors and sums) and the evaluation argmax and upsampling are
@@ -103,8 +124,8 @@ Deviations from the official code:
 Docs: README.md, section "Methods"; benchmarks/lsdseg.md.
 """
 import dataclasses
+import hashlib
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -115,8 +136,9 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
-from common.checkpoint import load_checkpoint, load_weights, resume_path, rng_state, save_checkpoint, set_rng_state
-from common.cli import UserError, guard, parse_args
+from common.checkpoint import (load_checkpoint, load_matching, read_weights_file, resume_path, rng_state,
+                               save_checkpoint, set_rng_state)
+from common.cli import UserError, guard, imply, parse_args
 from common.data import (SegDataset, class_setup, domain_split, normalize, random_crop, resize_image, resize_label,
                          resize_pair, train_loader)
 from common.metrics import evaluate_target
@@ -139,7 +161,9 @@ class Args:
     backbone: str = "vgg16"
     """FCN-8s backbone: vgg16 (paper) or vgg16_small (channels /8, fc6/fc7 512 wide, for CPU runs)"""
     init: str = "imagenet"
-    """imagenet (torchvision VGG-16), none (random) or a local file (a torchvision vgg16 state dict or our checkpoint)"""
+    """imagenet (torchvision VGG-16, ImageNet input), none (random) or a file recognised by its content: a torchvision-
+    layout VGG-16 such as LSD-seg's vgg16_from_caffe.pth (Caffe input; torchvision's own vgg16 file, known by its
+    digest, ImageNet input), an official LSD-seg checkpoint, or one of our checkpoints (header, "Weights files")"""
     iters: int = 100000
     """training iterations (official: 100k)"""
     batch_size: int = 1
@@ -167,7 +191,11 @@ class Args:
     eval_only: bool = False
     """evaluate --weights on the target val split, write results.json, exit"""
     weights: list[str] = field(default_factory=list)
-    """checkpoint(s) to evaluate with --eval-only"""
+    """file to evaluate with --eval-only: one of our checkpoints or an official LSD-seg training checkpoint
+    (model_state_dict of checkpoint.pth.tar / model_best.pth.tar, or the bare state dict); no model was released"""
+    save_predictions: Optional[str] = None
+    """write every target-val prediction of the final evaluation as a PNG into this folder (Cityscapes: label
+    ids at 2048x1024, named as the official evaluation and benchmark scripts expect)"""
     dry_run: bool = False
     """build networks and optimisers, write config.json with parameter counts, exit without reading data"""
     log_every: int = 50
@@ -188,7 +216,10 @@ class Args:
     synthia_classes: int = 19
     """classes of the head when the source is SYNTHIA: 19 (evaluated on 16/13) or 16"""
     normalization: Literal["auto", "imagenet", "caffe"] = "auto"
-    """input normalisation; auto: what the init expects (imagenet for torchvision weights, a checkpoint's own)"""
+    """input normalisation of F; auto: what the weights imply (caffe, BGR mean only, for official LSD-seg checkpoints and
+    torchvision-layout VGG-16 files such as vgg16_from_caffe.pth, except torchvision's own, known by its digest;
+    imagenet for --init imagenet and none; our checkpoints their own). The keys cannot tell a Caffe-converted VGG-16
+    from an ImageNet-normalised one: type imagenet for such a file"""
     weight_decay: float = 0.0
     """Adam weight decay of F and C (official: 0; its SGD option uses 5e-4)"""
     poly_horizon: Optional[int] = None
@@ -395,44 +426,148 @@ class Discriminator(nn.Module):
         return tuple((n // 2 + 1) // 4 for n in size)
 
 
-def load_init(model, init, backbone) -> str:
-    """Load --init into F; return the input normalisation the weights expect. imagenet: torchvision VGG-16
-    (classifier.0/3 reshaped into fc6/fc7; the score layers stay 0). A file: a torchvision vgg16 state dict or
-    a checkpoint of this script (its score layers are loaded too)."""
+# ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: weights files (header, "Weights files"): recognised by content, mapped to FCN8s' names
+def torchfcn_names() -> dict:
+    """torchfcn's FCN-8s conv names (conv1_1 ... conv5_3, model_utils.py FCN8s) -> our `features` indices (torchvision
+    VGG-16's: each conv is followed by a ReLU, each stage by a max-pool)."""
+    names, index = {}, 0
+    for stage, convs in enumerate((2, 2, 3, 3, 3), start=1):
+        for conv in range(1, convs + 1):
+            names[f"conv{stage}_{conv}"] = f"features.{index}"
+            index += 2
+        index += 1
+    return names
+
+
+def vgg_of(state) -> dict:
+    """{"backbone": name} when the conv widths of an FCN-8s state dict (our names) match one of VGG_WIDTHS, else {}."""
+    keys = [f"features.{i}.weight" for i in (0, 5, 10, 17, 24)] + ["fc6.weight"]
+    if not all(k in state for k in keys):
+        return {}
+    widths = tuple(state[k].shape[0] for k in keys)
+    names = [n for n, (convs, fc) in VGG_WIDTHS.items() if (*convs, fc) == widths]
+    return {"backbone": names[0]} if names else {}
+
+
+def from_torchvision_vgg(state) -> dict:
+    """A torchvision VGG-16 state dict under FCN8s' names: `features.*` as they are, the fully connected classifier.0
+    and classifier.3 reshaped into the fc6 (7x7) and fc7 (1x1) convolutions (official copy_params_from_vgg16), the
+    1000-way ImageNet classifier.6 dropped (the score layers start at 0, as the official init)."""
+    out = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    for fc, key, kernel in (("fc6", "classifier.0", 7), ("fc7", "classifier.3", 1)):
+        weight = state.get(f"{key}.weight")
+        if weight is not None and weight.dim() == 2 and weight.shape[1] % (kernel * kernel) == 0:
+            out[f"{fc}.weight"] = weight.reshape(weight.shape[0], -1, kernel, kernel)  # else listed as missing
+        if f"{key}.bias" in state:
+            out[f"{fc}.bias"] = state[f"{key}.bias"]
+    return out
+
+
+# the two published torchvision-layout VGG-16 files: the same keys and shapes, different input conventions
+VGG16_FILES = {
+    ("md5", "aa75b158f4181e7f6230029eb96c1b13"): ("LSD-seg's vgg16_from_caffe.pth", "caffe"),  # torchfcn vgg.py:22
+    ("sha256", "397923af"): ("torchvision's vgg16-397923af.pth", "imagenet"),  # torch.hub checks this prefix
+}
+
+
+def published_vgg16(path) -> Optional[tuple]:
+    """(name, normalisation) of VGG16_FILES whose digest the file has, else None."""
+    digests = {"md5": hashlib.md5(), "sha256": hashlib.sha256()}
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            for digest in digests.values():
+                digest.update(chunk)
+    return next((found for (algorithm, prefix), found in VGG16_FILES.items()
+                 if digests[algorithm].hexdigest().startswith(prefix)), None)
+
+
+def read_fcn_weights(path, flag="--init") -> dict:
+    """Recognise an FCN-8s / VGG-16 weights file by its content (never its name) and map it to FCN8s' names.
+
+    Returns {"kind": what it is, "state": tensors under our names, "implied": the flags it implies, "iter",
+    "num_classes"}. Layouts (header, "Weights files"):
+    - a checkpoint of this script (a "script" key): F, its normalisation, backbone and G/D width;
+    - an official LSD-seg checkpoint: torchfcn's FCN8s_LSD (or FCN8s_sourceonly: the same names) state dict, under
+      'model_state_dict' as trainer_LSD.py saves it or bare (eval_cityscapes.py:111-115); Caffe input;
+    - a torchvision VGG-16 state dict (features.*, classifier.*): the init. Caffe input (LSD-seg's
+      vgg16_from_caffe.pth) unless its digest says it is torchvision's own ImageNet file (published_vgg16).
+    """
+    state = read_weights_file(path, flag)
+    if isinstance(state, dict) and "script" in state:  # ours
+        if state["script"] != SCRIPT:
+            raise UserError(f"{path} was written by {state['script']}, not {SCRIPT}")
+        saved = state.get("args", {})
+        implied = {k: saved[k] for k in ("backbone", "gan_width") if k in saved}
+        implied["normalization"] = state.get("normalization", "imagenet")
+        return {"kind": f"{SCRIPT} checkpoint", "state": state.get("model", {}), "implied": implied,
+                "iter": state.get("iter", 0), "num_classes": state.get("num_classes")}
+    wrapper = state if isinstance(state, dict) and isinstance(state.get("model_state_dict"), dict) else {}
+    state = wrapper.get("model_state_dict", state)
+    accepted = ("accepted are our checkpoints, official LSD-seg checkpoints (torchfcn FCN-8s, bare or under "
+                "model_state_dict) and torchvision-layout VGG-16 state dicts such as vgg16_from_caffe.pth")
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"{flag} {path} is not an FCN-8s or VGG-16 weights file: {accepted}")
+    if "conv1_1.weight" in state:  # torchfcn names
+        names = torchfcn_names()
+        mapped = {names.get(k.rsplit(".", 1)[0], k.rsplit(".", 1)[0]) + "." + k.rsplit(".", 1)[1]: v
+                  for k, v in state.items()}
+        score = mapped.get("score_fr.weight")
+        return {"kind": "official LSD-seg checkpoint" + (f" ({wrapper['arch']})" if "arch" in wrapper else ""),
+                "state": mapped, "iter": int(wrapper.get("iteration", 0)),
+                "num_classes": score.shape[0] if score is not None else None,
+                "implied": {"normalization": "caffe", **vgg_of(mapped)}}
+    if "features.0.weight" in state and "classifier.0.weight" in state:  # torchvision VGG
+        mapped = from_torchvision_vgg(state)
+        kind, normalization = published_vgg16(path) or (
+            "torchvision-layout VGG-16 (no published file's digest: taken as Caffe-trained like vgg16_from_caffe.pth; "
+            "--normalization imagenet if it expects ImageNet input)", "caffe")
+        return {"kind": kind, "state": mapped, "iter": 0, "num_classes": None,
+                "implied": {"normalization": normalization, **vgg_of(mapped)}}
+    raise UserError(f"{flag} {path}: unrecognised layout (keys such as {', '.join(list(state)[:3])}); {accepted}")
+
+
+def load_init(model, init, backbone, found=None) -> str:
+    """Load --init into F (found: read_fcn_weights' result for a file); return the input normalisation the weights
+    expect. VGG-16's convolutions and fc6/fc7 must load completely; score layers and deconvolutions the file lacks
+    (an ImageNet VGG-16 has none) stay as initialised (the score layers at 0, as the official init) and are listed."""
     if init == "none":
         return "imagenet"
-    norm = "imagenet"
     if init == "imagenet":
         if backbone != "vgg16":
             raise UserError(f"--init imagenet needs --backbone vgg16 (there are no ImageNet weights for {backbone})")
-        state = torchvision.models.vgg16(weights="IMAGENET1K_V1").state_dict()
-    else:
-        if not os.path.isfile(init):
-            raise UserError(f"--init {init}: no such file (use imagenet, none or a path)")
-        try:
-            state = torch.load(init, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"cannot load --init {init}: {str(e).splitlines()[0][:200]}") from None
-        if isinstance(state, dict) and "script" in state and state["script"] != SCRIPT:
-            raise UserError(f"--init {init} was written by {state['script']}, not {SCRIPT} (another network)")
-        norm = state.get("normalization", norm) if isinstance(state, dict) else norm
-        state = state.get("model", state.get("state_dict", state))
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-    if "classifier.0.weight" in state:  # torchvision layout: the fully connected layers become convolutions
-        for fc, key in (("fc6", "classifier.0"), ("fc7", "classifier.3")):
-            weight, kernel = state.pop(f"{key}.weight"), model.fc6.kernel_size if fc == "fc6" else (1, 1)
-            if weight.numel() % (weight.shape[0] * kernel[0] * kernel[1]) == 0:  # else reported as misshapen below
-                state[f"{fc}.weight"] = weight.reshape(weight.shape[0], -1, *kernel)
-            state[f"{fc}.bias"] = state.pop(f"{key}.bias")
-    own = model.state_dict()
-    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    backbone_keys = [k for k in own if k.startswith(("features.", "fc6.", "fc7."))]
-    missing = [k for k in backbone_keys if k not in matched]
-    if missing:
-        raise UserError(f"--init {init} does not fit a {backbone} FCN-8s: {len(missing)} of "
-                        f"{len(backbone_keys)} backbone tensors missing or misshapen (e.g. {missing[0]})")
-    model.load_state_dict(matched, strict=False)
-    return norm
+        state = from_torchvision_vgg(torchvision.models.vgg16(weights="IMAGENET1K_V1").state_dict())
+        found = {"kind": "torchvision ImageNet VGG-16", "state": state, "implied": {"normalization": "imagenet"}}
+    load_matching(model, found["state"], f"--init {init} ({found['kind']})",
+                  required=lambda k: k.startswith(("features.", "fc6.", "fc7.")))
+    return found["implied"]["normalization"]
+
+
+def prepare_fcn_weights(args, ckpt_path, num_classes) -> Optional[dict]:
+    """Read the file of --eval-only --weights, --resume or --init (read_fcn_weights), apply the flags it implies
+    (typed flags win), print one line on what was recognised."""
+    found = None
+    if args.weights and not args.eval_only:
+        raise UserError("--weights is read by --eval-only; to start training from a file use --init PATH")
+    if args.eval_only:
+        if len(args.weights) != 1:
+            raise UserError("--eval-only needs exactly one --weights PATH")
+        found = read_fcn_weights(args.weights[0], "--weights")
+    elif ckpt_path:  # the network flags it was trained with; its normalisation comes back with the rest of its state
+        found = read_fcn_weights(ckpt_path, "--resume")
+        found["implied"].pop("normalization")
+    elif args.init not in ("imagenet", "none"):
+        found = read_fcn_weights(args.init)
+        found["implied"].pop("gan_width", None)  # an init is F only: G and D start fresh at the width asked for
+    if found is not None and (args.eval_only or ckpt_path) and found["num_classes"] not in (None, num_classes):
+        raise UserError(f"{args.weights[0] if args.eval_only else ckpt_path} has {found['num_classes']} classes, "
+                        f"this run has {num_classes}")
+    if found is not None:
+        found["applied"] = imply(args, found["implied"], found["kind"])
+        quirks = {"normalization": "{} input", "backbone": "backbone {}", "gan_width": "G/D width {}"}
+        said = ", ".join(quirks[k].format(v) for k, v in found["applied"].items() if k in quirks)
+        print(f"recognised {found['kind']}" + (f": {said}" if said else ""), flush=True)
+    return found
 
 
 def seg_loss(logits, labels, align_corners=True):
@@ -618,6 +753,20 @@ def refuse_inert_flags(args):
         raise UserError(f"--lr-step-epochs must be 0 (never) or positive, got {args.lr_step_epochs}")
 
 
+def make_optimizers(model, gen, disc, args):
+    """F and C: Adam(lr, betas (0.9, 0.999)), biases at bias_lr_mult x lr, the fixed deconvolutions left out; G and D:
+    Adam(lr_gan, betas (beta1_gan, 0.999)), constant (train.py:97-110). Returns (optimizers, trainable parameters),
+    each keyed model, gen, disc."""
+    trainable = {"model": [p for p in model.parameters() if p.requires_grad], "gen": list(gen.parameters()),
+                 "disc": list(disc.parameters())}
+    optimizers = {"model": torch.optim.Adam(model.param_groups(args.lr, args.bias_lr_mult), lr=args.lr,
+                                            betas=(0.9, 0.999), weight_decay=args.weight_decay)}
+    for name in ("gen", "disc"):
+        optimizers[name] = torch.optim.Adam([{"params": trainable[name], "lr_mult": 1.0}], lr=args.lr_gan,
+                                            betas=(args.beta1_gan, 0.999))
+    return optimizers, trainable
+
+
 def train_only(trainable, name):
     """requires_grad on the parameters of network `name` only, so a backward reaches no other network."""
     for key, params in trainable.items():
@@ -647,7 +796,8 @@ def optimizer_step(optimizer, loss, params, rt):
 def train_step(nets, optimizers, trainable, images, labels, target_images, args, rt, to_input):
     """One LSD-seg iteration: the D step, then the G step, then the F and C step, each changing only its own
     network and each backward going through a graph built after the last step of every network on its path.
-    nets/optimizers: dicts with keys model, gen, disc. Returns the logged losses (on the device)."""
+    nets/optimizers/trainable: dicts with keys model, gen, disc (make_optimizers). Returns the logged losses (on the
+    device)."""
     model, gen, disc = nets["model"], nets["gen"], nets["disc"]
     if not (args.adv_weight or args.c_weight):  # source-only ablation of the same F + C: G and D are skipped
         train_only(trainable, "model")
@@ -655,9 +805,10 @@ def train_step(nets, optimizers, trainable, images, labels, target_images, args,
             _, scores_s = model(to_input(images))
         losses = {"seg_src": seg_loss(scores_s, labels)}
         optimizer_step(optimizers["model"], losses["seg_src"], trainable["model"], rt)
+        rt.scaler.update()
         return losses
-    real_s = images.to(rt.device, non_blocking=True).float() / 255  # D sees images in [0, 1]
-    real_t = target_images.to(rt.device, non_blocking=True).float() / 255
+    real_s = images.to(rt.device, non_blocking=True) / 255  # D sees images in [0, 1] (uint8 / 255: float32)
+    real_t = target_images.to(rt.device, non_blocking=True) / 255
     train_only(trainable, "model")
     with rt.autocast():  # F once per domain; its graph is kept for step 3 (F is stepped last)
         embedding_s, scores_s = model(to_input(images))
@@ -687,6 +838,7 @@ def train_step(nets, optimizers, trainable, images, labels, target_images, args,
                                            args.adv_weight, args.c_weight)
     losses.update(parts)
     optimizer_step(optimizers["model"], losses["seg_src"] + adversarial, trainable["model"], rt)
+    rt.scaler.update()
     losses["d_main"] = sum(losses.pop(k) for k in ("d_src_real", "d_src_fake", "d_cls", "d_tgt_real", "d_tgt_fake"))
     return losses
 
@@ -708,47 +860,49 @@ def main():
 
     # ALGO LOGIC: networks and optimisers
     refuse_inert_flags(args)
+    found = prepare_fcn_weights(args, ckpt_path, num_classes)  # the --init/--weights/--resume file and what it implies
     model = FCN8s(args.backbone, num_classes)
-    norm = load_init(model, args.init, args.backbone) if not (ckpt_path or args.eval_only or args.dry_run) else None
+    norm = load_init(model, args.init, args.backbone, found) if not (ckpt_path or args.eval_only or args.dry_run) \
+        else None
     model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
-    optimizer = torch.optim.Adam(model.param_groups(args.lr, args.bias_lr_mult), lr=args.lr, betas=(0.9, 0.999),
-                                 weight_decay=args.weight_decay)
     if args.gan_width < 1:
         raise UserError(f"--gan-width must be at least 1, got {args.gan_width}")
     memory_format = torch.channels_last if rt.channels_last else torch.preserve_format
     gen = Generator(model.embedding_channels, args.gan_width).to(rt.device, memory_format=memory_format)
     disc = Discriminator(num_classes, args.gan_width).to(rt.device, memory_format=memory_format)
-    optimizer_g = torch.optim.Adam([{"params": gen.parameters(), "lr_mult": 1.0}], lr=args.lr_gan,
-                                   betas=(args.beta1_gan, 0.999))
-    optimizer_d = torch.optim.Adam([{"params": disc.parameters(), "lr_mult": 1.0}], lr=args.lr_gan,
-                                   betas=(args.beta1_gan, 0.999))
-    trainable = {"model": [p for p in model.parameters() if p.requires_grad], "gen": list(gen.parameters()),
-                 "disc": list(disc.parameters())}
+    optimizers, trainable = make_optimizers(model, gen, disc, args)
+    optimizer = optimizers["model"]  # F's: the skeleton's schedule and checkpoint entry
     networks = {"model": model, "gen": gen, "disc": disc}
 
     # TRY NOT TO MODIFY: run folder, dry run, resume
     norm = args.normalization if args.normalization != "auto" else norm
+    loaded = {"file": args.weights[0] if args.eval_only else args.init, "kind": found["kind"],
+              "implied": found["applied"]} if found is not None else None
     log = RunLog(out_dir, rt.is_main)
-    log.write_config(SCRIPT, args, param_counts(**networks), normalization=norm, num_classes=num_classes)
+    log.write_config(SCRIPT, args, param_counts(**networks), normalization=norm, num_classes=num_classes,
+                     loaded=loaded)
     if args.dry_run:
         print(f"dry run: config written to {log.path('config.json')}")
         return
     start_iter = 0
-    if ckpt_path or args.eval_only:
-        if args.eval_only and len(args.weights) != 1:
-            raise UserError("--eval-only needs exactly one --weights PATH")
-        ckpt = load_checkpoint(args.weights[0] if args.eval_only else ckpt_path, SCRIPT, num_classes)
-        load_weights(model, ckpt["model"])
+    if args.eval_only:  # every tensor of F from the file, nothing left over (G and D are not evaluated)
+        load_matching(model, found["state"], f"--weights {args.weights[0]} ({found['kind']})", required=lambda k: True,
+                      unused_ok=lambda k: False)
+        start_iter = found["iter"]
+    elif ckpt_path:
+        ckpt = load_checkpoint(ckpt_path, SCRIPT, num_classes)
+        load_matching(model, ckpt["model"], f"--resume {ckpt_path}", required=lambda k: True, unused_ok=lambda k: False,
+                      quiet=True)
         norm, start_iter = ckpt["normalization"], ckpt["iter"]
-        if not args.eval_only:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            load_weights(gen, ckpt["gen"])
-            load_weights(disc, ckpt["disc"])
-            optimizer_g.load_state_dict(ckpt["optimizer_g"])
-            optimizer_d.load_state_dict(ckpt["optimizer_d"])
-            rt.scaler.load_state_dict(ckpt["scaler"])
-            set_rng_state(ckpt["rng"])
-            print(f"resumed from {ckpt_path} at iteration {start_iter}")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        rt.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        for name, net in (("gen", gen), ("disc", disc)):
+            load_matching(net, ckpt[name], f"--resume {ckpt_path} ({name})", required=lambda k: True,
+                          unused_ok=lambda k: False, quiet=True)
+        optimizers["gen"].load_state_dict(ckpt["optimizer_g"])
+        optimizers["disc"].load_state_dict(ckpt["optimizer_d"])
+        print(f"resumed from {ckpt_path} at iteration {start_iter}")
 
     def to_input(images):
         x = normalize(images.to(rt.device, non_blocking=True), norm)
@@ -764,19 +918,21 @@ def main():
         return predict_nearest(model, to_input, images, eval_size) if nearest else model(to_input(images))[1]
 
     def evaluate_model(final=False):
+        rt.share_buffers(model)  # rank 0's BN statistics on every rank: the network its checkpoint holds
         model.eval()
         with torch.no_grad(), rt.autocast():
             summary = evaluate_target(predict, target_val, rt, align_corners=True, log=log,
                                       num_predictions=args.num_predictions if final else 0, limit=args.eval_limit,
                                       eval_size=None if nearest else eval_size, pred_map=pred_map,
                                       synthia_protocols=args.source == "synthia" and len(eval_classes) == 19,
+                                      save_dir=args.save_predictions if final else None, num_workers=args.num_workers,
                                       interpolation="lanczos")
         model.train()
         return summary
 
     if args.eval_only:
         summary = evaluate_model(final=True)
-        log.write_results(summary, start_iter, weights=args.weights)
+        log.write_results(summary, start_iter, weights=args.weights, loaded=loaded)
         print(f"target val mIoU {summary['miou']:.2f} ({log.path('results.json')})")
         return
 
@@ -787,7 +943,7 @@ def main():
                 "args": dataclasses.asdict(args), "model": unwrap(model).state_dict(),
                 "optimizer": optimizer.state_dict(), "scaler": rt.scaler.state_dict(), "rng": rng_state(),
                 "gen": gen.state_dict(), "disc": disc.state_dict(),
-                "optimizer_g": optimizer_g.state_dict(), "optimizer_d": optimizer_d.state_dict()})
+                "optimizer_g": optimizers["gen"].state_dict(), "optimizer_d": optimizers["disc"].state_dict()})
 
     # ALGO LOGIC: data (the official loaders and source train lists, header "Data")
     source_train = official_source_list(domain_split(args.source, "train", args.data_root,
@@ -805,7 +961,6 @@ def main():
     lr_step_every = args.lr_step_epochs * epoch_iterations(len(source_train), len(target_train), args.batch_size)
     train_model = model  # no DDP wrapper: each step's gradients are averaged by average_gradients
     nets = {"model": train_model, "gen": gen.train(), "disc": disc.train()}
-    optimizers = {"model": optimizer, "gen": optimizer_g, "disc": optimizer_d}
 
     # TRY NOT TO MODIFY: training loop
     running = {}
@@ -824,7 +979,6 @@ def main():
         labels = labels.to(rt.device, non_blocking=True).long()
         target_images, _, _ = next(target_batches)
         losses = train_step(nets, optimizers, trainable, images, labels, target_images, args, rt, to_input)
-        rt.scaler.update()
 
         # TRY NOT TO MODIFY: logging, evaluation, checkpoints
         for k, v in losses.items():

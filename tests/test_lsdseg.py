@@ -1,13 +1,17 @@
 """lsdseg.py: the paper preset against the official recipe, the official loaders (resize, crop margins,
 source lists, epoch length) and evaluation protocol, the FCN-8s, G and D shapes, each loss on hand-made
-tensors, which network each of the three updates may change; then the script end to end (run folder, exact
-resume, eval-only, dry run, torchrun, the learning-rate step)."""
+tensors, the training step against a hand-written one in the official update order, the weights files (LSD-seg's
+VGG-16 init, official checkpoints, ours); then the script end to end (run folder, resume, eval-only of an official
+checkpoint, dry run, torchrun equivalence and sharded evaluation, the learning-rate step)."""
+import copy
 import dataclasses
+import hashlib
 import importlib
 import inspect
 import json
 import math
 import os
+import subprocess
 import sys
 import types
 
@@ -16,9 +20,12 @@ import pytest
 import torch
 from PIL import Image
 
-from common.checkpoint import load_checkpoint
+import released
+import released_lsdseg
+from common.checkpoint import load_matching
 from common.cli import UserError, field_docs, parse_args
-from common.data import CITYSCAPES_CLASSES, DomainSplit
+from common.data import CITYSCAPES_CLASSES, CITYSCAPES_LABEL_IDS, DomainSplit
+from common.runtime import Runtime
 from conftest import ROOT, run_script
 
 lsd = importlib.import_module("lsdseg")
@@ -27,11 +34,11 @@ SMALL = ["--preset", "quick", "--source-size", "32", "64", "--target-size", "32"
 
 
 def run(*extra, cmd=None):
+    """lsdseg.py (or `cmd`, e.g. torchrun) with the tiny quick settings plus `extra`; must succeed."""
     argv = [*(cmd or ["lsdseg.py"]), *SMALL, *map(str, extra)]
     if cmd is None:
         return run_script(*argv, check=True, env={"OMP_NUM_THREADS": "1"})
-    import subprocess
-    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -88,8 +95,8 @@ DELIBERATE = {  # header, "Deviations"
     "amp": True,  # bf16 autocast on CUDA; official: fp32
 }
 RUN_CONTROL = {"data_root", "preset", "device", "eval_every", "checkpoint_every", "out", "resume", "eval_only",
-               "weights", "dry_run", "log_every", "torch_deterministic", "eval_limit", "num_predictions",
-               "poly_horizon"}  # poly_horizon: unused at poly power 0
+               "weights", "save_predictions", "dry_run", "log_every", "torch_deterministic", "eval_limit",
+               "num_predictions", "poly_horizon"}  # poly_horizon: unused at poly power 0
 
 
 def test_paper_preset_is_the_official_recipe():
@@ -317,43 +324,136 @@ def test_d_g_and_f_objectives_on_hand_made_maps():
 
 
 # ------------------------------------------------------------------------------------------------ update rules
-def test_each_update_changes_only_its_network():
-    torch.manual_seed(0)
-    args = lsd.Args(**{**lsd.PRESETS["quick"], "gan_width": 4})
-    model = lsd.FCN8s("vgg16_small", 5)
-    gen, disc = lsd.Generator(model.embedding_channels, 4), lsd.Discriminator(5, 4)
-    nets = {"model": model, "gen": gen, "disc": disc}
-    optimizers = {"model": torch.optim.Adam(model.param_groups(1e-3, 2.0), lr=1e-3),
-                  "gen": torch.optim.Adam(gen.parameters(), lr=1e-3), "disc": torch.optim.Adam(disc.parameters(), lr=1e-3)}
-    trainable = {"model": [p for p in model.parameters() if p.requires_grad], "gen": list(gen.parameters()),
-                 "disc": list(disc.parameters())}
-    rt = types.SimpleNamespace(device=torch.device("cpu"), world=1, scaler=torch.amp.GradScaler("cpu", enabled=False),
-                               autocast=lambda: torch.autocast("cpu", enabled=False))
-    snapshots, order = [], []
+def hand_adam(state, named, grads, lr, beta1, bias_lr_mult=1.0):
+    """torch.optim.Adam written out (beta2 0.999, eps 1e-8, no weight decay), biases at bias_lr_mult x lr."""
+    with torch.no_grad():
+        for (name, p), g in zip(named, grads):
+            m, v, t = state.get(id(p), (torch.zeros_like(p), torch.zeros_like(p), 0))
+            m, v, t = beta1 * m + (1 - beta1) * g, 0.999 * v + 0.001 * g * g, t + 1
+            state[id(p)] = m, v, t
+            lr_p = lr * (bias_lr_mult if name.endswith("bias") else 1.0)
+            p -= lr_p * (m / (1 - beta1 ** t)) / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)
 
-    def snapshot():
-        return {name: [p.detach().clone() for p in net.state_dict().values()] for name, net in nets.items()}
 
-    for name, opt in optimizers.items():
-        def step(*a, _name=name, _step=opt.step, **k):
-            before = snapshot()
-            result = _step(*a, **k)
-            snapshots.append((_name, before, snapshot()))
-            order.append(_name)
-            return result
-        opt.step = step
-    images = torch.randint(0, 256, (2, 3, 32, 64), dtype=torch.uint8)
-    labels = torch.randint(0, 5, (2, 32, 64))
-    targets = torch.randint(0, 256, (2, 3, 32, 64), dtype=torch.uint8)
-    losses = lsd.train_step(nets, optimizers, trainable, images, labels, targets, args, rt, lambda x: x.float() / 255)
-    assert order == ["disc", "gen", "model"]  # D, then G, then F and C
-    for stepped, before, after in snapshots:
-        for name in nets:
-            same = all(torch.equal(a, b) for a, b in zip(before[name], after[name]))
-            assert same == (name != stepped), f"{stepped}'s step {'left' if same else 'changed'} {name}"
-    assert {"seg_src", "adv_main", "adv_cls", "d_main", "g_adv", "g_cls", "recon"} == set(losses)
-    fixed = [model.upscore2.weight, model.upscore8.weight]
-    assert all(torch.equal(w, lsd.bilinear_kernel(5, w.shape[-1])) for w in fixed)  # never trained
+def ce_sum(logits, target):
+    """The official cross_entropy2d(size_average=False): -log softmax at the target, summed over cells; 255: no term."""
+    if isinstance(target, int):
+        target = torch.full((logits.shape[0], *logits.shape[2:]), target)
+    valid = target != 255
+    picked = logits.log_softmax(1).gather(1, torch.where(valid, target, 0)[:, None])[:, 0]
+    return -(picked * valid).sum()
+
+
+def nearest_cells(labels, size):
+    """PIL NEAREST downsampling of a label map (the official transform_label_forD): cell i takes row floor((i + 0.5)
+    * H / h)."""
+    rows = ((torch.arange(size[0]) + 0.5) * labels.shape[-2] / size[0]).floor().long()
+    cols = ((torch.arange(size[1]) + 0.5) * labels.shape[-1] / size[1]).floor().long()
+    return labels[:, rows][:, :, cols]
+
+
+def reference_iteration(nets, adam_state, images, labels, targets, to_input, args):
+    """One LSD-seg iteration in the official order (trainer_LSD.py:232-286), written out independently of lsdseg's
+    loss helpers: 1. D on the real images and on G's fakes (no gradient into G or F); 2. G through the stepped D;
+    3. F and C through the stepped G and D. Every CE is the official sum over D's cells (or pixels), / batch
+    (trainer_LSD.py) and / input pixels (lsdseg header, "Loss reduction"); the L1 terms are means / input pixels;
+    the segmentation CE a mean over the valid pixels (the shared seg_loss). Returns the gradients of each step."""
+    model, gen, disc = nets["model"], nets["gen"], nets["disc"]
+    f_named = [(n, p) for n, p in model.named_parameters() if not n.startswith("upscore")]  # deconvolutions fixed
+    g_named, d_named = list(gen.named_parameters()), list(disc.named_parameters())
+    (batch, _, h, w), size = images.shape, images.shape[-2:]
+    per_pixel = 1 / (batch * h * w)
+    real_s, real_t = images / 255, targets / 255
+    emb_s, scores_s = model(to_input(images))
+    emb_t, _ = model(to_input(targets))
+    steps = []
+    # 1. D
+    with torch.no_grad():
+        fake_s, fake_t = gen(emb_s, size), gen(emb_t, size)
+    s_real_s, c_real_s = disc(real_s)
+    labels_d = nearest_cells(labels, s_real_s.shape[-2:])
+    loss_d = per_pixel * (ce_sum(s_real_s, 0) + ce_sum(disc(fake_s)[0], 1) + ce_sum(c_real_s, labels_d)
+                          + ce_sum(disc(real_t)[0], 2) + ce_sum(disc(fake_t)[0], 3))
+    steps.append(("disc", torch.autograd.grad(loss_d, [p for _, p in d_named])))
+    hand_adam(adam_state, d_named, steps[-1][1], args.lr_gan, args.beta1_gan)
+    # 2. G: its fakes through the stepped D; source fakes -> source-real, target fakes -> target-real, classes kept
+    fake_s, fake_t = gen([e.detach() for e in emb_s], size), gen([e.detach() for e in emb_t], size)
+    (s_fake_s, c_fake_s), (s_fake_t, _) = disc(fake_s), disc(fake_t)
+    loss_g = per_pixel * (ce_sum(c_fake_s, labels_d) + 0.1 * (ce_sum(s_fake_s, 0) + ce_sum(s_fake_t, 2))) \
+        + args.l1_weight / (h * w) * ((fake_s - real_s).abs().mean() + (fake_t - real_t).abs().mean())
+    steps.append(("gen", torch.autograd.grad(loss_g, [p for _, p in g_named])))
+    hand_adam(adam_state, g_named, steps[-1][1], args.lr_gan, args.beta1_gan)
+    # 3. F and C: segmentation + source fakes -> target-real, target fakes -> source-real, classes kept
+    fake_s, fake_t = gen(emb_s, size), gen(emb_t, size)
+    (s_fake_s, c_fake_s), (s_fake_t, _) = disc(fake_s), disc(fake_t)
+    loss_f = ce_sum(scores_s, labels) / (labels != 255).sum() + per_pixel * (
+        args.adv_weight * (ce_sum(s_fake_s, 2) + ce_sum(s_fake_t, 0)) + args.c_weight * ce_sum(c_fake_s, labels_d))
+    steps.append(("model", torch.autograd.grad(loss_f, [p for _, p in f_named])))
+    hand_adam(adam_state, f_named, steps[-1][1], args.lr, 0.9, args.bias_lr_mult)
+    return steps
+
+
+def test_train_step_matches_an_independent_reference():
+    """Two real iterations of train_step with make_optimizers' Adams against reference_iteration. At each optimiser
+    step the gradients all three networks hold are compared: the stepping network's with the reference's, every other
+    network's with what its own last step left (so no backward reached another network: a missing detach or freeze
+    shows here even where it would not move a weight). Then every weight after the two iterations.
+    float64 and eval mode: dropout masks depend on the order of random draws, not on the update rule (eval mode
+    turns dropout off and changes nothing else: no BN, InstanceNorm keeps no statistics); in float64 the rounding
+    noise of D's pre-InstanceNorm biases (gradient 0 in exact arithmetic) stays far below Adam's eps."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        args = lsd.Args(**{**lsd.PRESETS["quick"], "gan_width": 4, "lr": 1e-3, "lr_gan": 2e-3, "adv_weight": 0.3,
+                           "c_weight": 0.7})
+        model = lsd.FCN8s("vgg16_small", 4)
+        with torch.no_grad():  # the score layers start at 0 (official); random ones let C's path carry gradient too
+            for score in (model.score_fr, model.score_pool4, model.score_pool3):
+                score.weight.normal_(0, 0.05)
+        gen, disc = lsd.Generator(model.embedding_channels, 4), lsd.Discriminator(4, 4)
+        nets = {"model": model.eval(), "gen": gen.eval(), "disc": disc.eval()}
+        reference, initial = copy.deepcopy(nets), copy.deepcopy(nets)
+        optimizers, trainable = lsd.make_optimizers(model, gen, disc, args)
+        held = []  # (network stepped, the gradients every network holds at that moment)
+        for name, optimizer in optimizers.items():
+            def step(*a, _name=name, _step=optimizer.step, **k):
+                held.append((_name, {net: [None if p.grad is None else p.grad.clone() for p in params]
+                                     for net, params in trainable.items()}))
+                return _step(*a, **k)
+            optimizer.step = step
+        images, targets = (torch.randint(0, 256, (2, 3, 32, 64), dtype=torch.uint8) for _ in range(2))
+        labels = torch.randint(0, 4, (2, 32, 64))
+        labels[0, :6] = 255
+
+        def to_input(x):
+            return x / 255 - 0.5
+
+        rt = Runtime("cpu", amp=False)
+        adam_state, expected = {}, []
+        for _ in range(2):
+            lsd.train_step(nets, optimizers, trainable, images, labels, targets, args, rt, to_input)
+            expected += reference_iteration(reference, adam_state, images, labels, targets, to_input, args)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+    def close(grads, want):
+        return all(g is not None and float((g - w).norm()) <= 1e-6 * float(w.norm()) + 1e-12 for g, w in zip(grads, want))
+
+    assert [name for name, _ in held] == [name for name, _ in expected] == ["disc", "gen", "model"] * 2
+    last = {}  # the reference gradients of each network's latest step
+    for (name, holding), (_, want) in zip(held, expected):
+        last[name] = want
+        for net, grads in holding.items():
+            if net not in last:
+                assert all(g is None for g in grads), f"{name}'s step: {net} got a gradient before its own step"
+            else:
+                assert close(grads, last[net]), f"{name}'s step: {net}'s gradients differ from " + (
+                    "the reference" if net == name else "those of its own last step")
+    for name, net in nets.items():  # the losses are fp32 (as under AMP): Adam's per-element normalisation turns their
+        # rounding into update errors of up to ~1e-3 of a step (lr 1e-3 here); a wrong lr, bias multiplier or beta is 1x
+        ours, theirs, before = net.state_dict(), reference[name].state_dict(), initial[name].state_dict()
+        assert all(torch.allclose(ours[k], theirs[k], rtol=0, atol=5e-6) for k in ours), name
+        assert not all(torch.equal(ours[k], before[k]) for k in ours), f"{name} did not move"
 
 
 def test_zero_adaptation_weights_train_f_on_source_only():
@@ -375,21 +475,6 @@ def test_zero_adaptation_weights_train_f_on_source_only():
     for name, params in trainable.items():
         same = all(torch.equal(a, b) for a, b in zip(before[name], params))
         assert same == (name != "model"), name
-
-
-def test_adversarial_terms_reach_f_through_frozen_g_and_d():
-    torch.manual_seed(0)
-    model = lsd.FCN8s("vgg16_small", 5)
-    gen, disc = lsd.Generator(model.embedding_channels, 4), lsd.Discriminator(5, 4)
-    trainable = {"model": [p for p in model.parameters() if p.requires_grad], "gen": list(gen.parameters()),
-                 "disc": list(disc.parameters())}
-    lsd.train_only(trainable, "model")
-    (emb_s, _), (emb_t, _) = model(torch.rand(1, 3, 32, 64)), model(torch.rand(1, 3, 32, 64))
-    loss, _ = lsd.f_adversarial(disc, gen(emb_s, (32, 64)), gen(emb_t, (32, 64)), torch.zeros(1, 4, 8, dtype=torch.long),
-                                0.1, 0.1)
-    loss.backward()
-    assert model.fc7.weight.grad.abs().sum() > 0 and model.features[0].weight.grad.abs().sum() > 0
-    assert all(p.grad is None for p in trainable["gen"] + trainable["disc"])
 
 
 # ---------------------------------------------------------------------------------------------------- smoke runs
@@ -428,10 +513,16 @@ def test_grad_ratio_probe(straight):
     assert g_d > 0 and float(g_l1) > 0 and 0 < float(share.strip("(")) < 1
 
 
-def test_resume_is_exact(straight, tmp_path):
+def test_resume_starts_at_the_checkpoint_and_ends_with_the_uninterrupted_weights(straight, tmp_path):
+    """A run stopped after iteration 1 (of a 2-iteration schedule) and resumed ends with the straight run's F, G, D
+    and Adam states. A silent restart from iteration 0 would too (same seed, same data), so the resumed process must
+    also say it starts at iteration 1 and log only iteration 2."""
     out = str(tmp_path / "resumed")
-    run("--iters", 1, "--poly-horizon", 2, "--out", out)  # interrupted at 1 of a 2-iteration schedule
-    run("--iters", 2, "--out", out, "--resume", "auto")
+    run("--iters", 1, "--poly-horizon", 2, "--log-every", 1, "--out", out)
+    rows_before = len(metrics(out))
+    resumed = run("--iters", 2, "--log-every", 1, "--out", out, "--resume", "auto")
+    assert "at iteration 1" in resumed.stdout and "recognised lsdseg checkpoint" in resumed.stdout
+    assert [r["iter"] for r in metrics(out)[rows_before:] if "seg_src" in r] == [2]
     a = torch.load(os.path.join(straight, "checkpoints", "last.pt"), weights_only=True)
     b = torch.load(os.path.join(out, "checkpoints", "last.pt"), weights_only=True)
     assert b["iter"] == 2
@@ -442,25 +533,19 @@ def test_resume_is_exact(straight, tmp_path):
         assert torch.equal(a[key]["state"][0]["exp_avg"], b[key]["state"][0]["exp_avg"]), key
 
 
-def test_eval_only_and_foreign_checkpoint(straight, tmp_path):
-    out = str(tmp_path / "eval")  # the official protocol (the quick preset evaluates bilinearly)
-    run("--eval-only", "--weights", os.path.join(straight, "checkpoints", "last.pt"), "--eval-upsample", "nearest",
-        "--out", out)
-    results = json.load(open(os.path.join(out, "results.json")))
-    assert results["iters"] == 2 and 0 <= results["miou"] <= 100
-    foreign = str(tmp_path / "foreign.pt")
-    torch.save({"script": "source_only", "num_classes": 8}, foreign)
-    with pytest.raises(UserError, match="written by source_only, not lsdseg"):  # what --resume/--eval-only call
-        load_checkpoint(foreign, lsd.SCRIPT, 8)
-
-
-def test_dry_run(tmp_path):
+def test_dry_run_records_the_init_file(tmp_path, monkeypatch):
+    """In process (a dry run reads no data): parameter counts, and the --init file recognised and recorded."""
+    init = tmp_path / "vgg16.pth"
+    torch.save(released_lsdseg.torchvision_vgg(small_fcn_state(8)), init)
     out = str(tmp_path / "dry")
-    run("--dry-run", "--out", out)
+    monkeypatch.setattr(sys, "argv", ["lsdseg.py", *SMALL, "--dry-run", "--init", str(init), "--out", out])
+    lsd.main()
     config = json.load(open(os.path.join(out, "config.json")))
     gen = lsd.Generator(lsd.FCN8s("vgg16_small", 8).embedding_channels, 8)
     assert config["params"]["gen"]["trainable"] == sum(p.numel() for p in gen.parameters())
     assert config["params"]["model"]["trainable"] < config["params"]["model"]["total"]  # fixed deconvolutions
+    assert config["normalization"] == "caffe" and config["loaded"]["file"] == str(init)
+    assert config["loaded"]["kind"].startswith("torchvision-layout VGG-16")
     assert not os.path.exists(os.path.join(out, "metrics.jsonl"))
 
 
@@ -486,14 +571,173 @@ def test_lr_steps_every_epochs_of_the_shorter_loader(tmp_path):
     target = make_folder_dataset(str(tmp_path / "target"), 3)
     out = str(tmp_path / "steps")  # batch 2: an epoch is min(ceil(5 / 2), ceil(3 / 2)) = 2 iterations
     run("--source", source, "--target", target, "--iters", 5, "--batch-size", 2, "--lr-step-epochs", 1,
-        "--poly-power", 0, "--lr", 1e-3, "--log-every", 1, "--crop-size", 24, 48, "--out", out)
+        "--poly-power", 0, "--lr", 1e-3, "--log-every", 1, "--crop-size", 24, 48, "--adv-weight", 0, "--c-weight", 0,
+        "--out", out)  # F's schedule only: G and D skipped
     lrs = [r["lr"] for r in metrics(out) if "seg_src" in r]
     assert lrs == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4, 1e-5])
 
 
-def test_torchrun_two_processes(tmp_path):
-    out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "lsdseg.py"]
-    run("--iters", 2, "--batch-size", 2, "--out", out, cmd=cmd)
-    assert json.load(open(os.path.join(out, "config.json")))["args"]["world_size"] == 2
-    assert os.path.isfile(os.path.join(out, "results.json"))
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            os.path.join(ROOT, "tests", "collective_guard.py")]
+EXACT = """import sys
+sys.path.insert(0, {root!r})
+import torch
+import torch.nn.functional as F
+F.dropout = F.dropout2d = lambda x, *args, **kwargs: x  # see test_two_processes_equal_one_process_with_the_whole_batch
+torch.set_default_dtype(torch.float64)
+import lsdseg
+normalize = lsdseg.normalize
+lsdseg.normalize = lambda images, mode: normalize(images, mode).double()
+from common.cli import guard
+guard(lsdseg.main)
+"""
+
+
+def final_state(out):
+    return torch.load(os.path.join(out, "checkpoints", "last.pt"), weights_only=True)
+
+
+def test_two_processes_equal_one_process_with_the_whole_batch(tmp_path):
+    """2 gloo processes x batch 1 (under the collective guard: a host tensor in a collective fails the run) end with
+    the F, G and D of 1 process x batch 2; rank 0 alone logs; the run's final evaluation (the official protocol,
+    sharded over the 2 ranks) equals --eval-only of its checkpoint in one process.
+    Every run goes through a wrapper script that replaces dropout by the identity and computes in float64. Dropout:
+    each process draws the masks of its own half-batch from the same seed, so the masks differ from one process's by
+    construction. float64: in float32 the batched and unbatched convolutions round differently, and Adam, which
+    normalises each element, turns that rounding into steps of up to its lr wherever a gradient is near 0 (C starts at
+    0, so F's first gradient is G's tiny adaptation signal; D's pre-InstanceNorm biases have gradient 0): measured up
+    to a whole step in float32, 1e-12 in float64. Nothing else depends on the per-process batch: no BN
+    (InstanceNorm is per image), every loss is a mean over equal-sized halves, each step's gradients are averaged."""
+    wrapper = tmp_path / "exact.py"
+    wrapper.write_text(EXACT.format(root=ROOT))
+    args = ["--iters", 2, "--batch-size", 2, "--log-every", 1, "--eval-upsample", "nearest"]
+    single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
+    run(*args, "--out", single, cmd=[sys.executable, str(wrapper)])
+    run(*args, "--out", ddp, cmd=[*TORCHRUN, str(wrapper)])
+    a, b = final_state(single), final_state(ddp)
+    for key in ("model", "gen", "disc"):
+        for name, tensor in a[key].items():
+            assert tensor.dtype == torch.float64 and torch.allclose(tensor, b[key][name], rtol=1e-9, atol=1e-11), \
+                f"{key}.{name}"
+    assert json.load(open(os.path.join(ddp, "config.json")))["args"]["world_size"] == 2
+    assert [r["iter"] for r in metrics(ddp) if "seg_src" in r] == [1, 2]  # rank 0 only
+    again = str(tmp_path / "again")
+    evaluated = run("--eval-only", "--weights", os.path.join(ddp, "checkpoints", "last.pt"), "--eval-upsample",
+                    "nearest", "--out", again, cmd=[sys.executable, str(wrapper)])
+    assert "recognised lsdseg checkpoint" in evaluated.stdout
+    results = json.load(open(os.path.join(again, "results.json")))
+    assert results["iters"] == 2 and results["loaded"]["kind"] == "lsdseg checkpoint"
+    assert json.load(open(os.path.join(ddp, "results.json")))["per_class_iou"] == results["per_class_iou"]
+
+
+# ------------------------------------------------------------------------------------------------- weights files
+def small_fcn_state(num_classes, seed=0):
+    """A vgg16_small FCN-8s state dict with every tensor random (score layers included), so that a swap would show."""
+    torch.manual_seed(seed)
+    model = lsd.FCN8s("vgg16_small", num_classes)
+    return {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_official_checkpoint_lands_every_tensor_in_the_right_module(wrapped, tmp_path):
+    """trainer_LSD.py's checkpoint (model_state_dict, numpy best_mean_iu, an Adam state) or F's bare torchfcn state
+    dict: recognised, Caffe input, backbone from the widths, every tensor of F loaded into the module it belongs to."""
+    reference = small_fcn_state(19)
+    path = tmp_path / "model_best.pth.tar"
+    checkpoint = released_lsdseg.lsd_checkpoint(reference)
+    torch.save(checkpoint if wrapped else checkpoint["model_state_dict"], path)
+    found = lsd.read_fcn_weights(str(path), "--weights")
+    assert found["kind"] == ("official LSD-seg checkpoint (FCN8s_LSD)" if wrapped else "official LSD-seg checkpoint")
+    assert found["implied"] == {"normalization": "caffe", "backbone": "vgg16_small"}
+    assert (found["iter"], found["num_classes"]) == ((9000 if wrapped else 0), 19)
+    model = lsd.FCN8s("vgg16_small", 19)
+    report = load_matching(model, found["state"], "official", required=lambda k: True, unused_ok=lambda k: False)
+    assert report["unused"] == [] and report["missing"] == []
+    ours = model.state_dict()
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in reference)
+    # as a starting point: the same tensors through --init
+    args = parse_args(lsd.Args, lsd.PRESETS, ["--preset", "quick", "--init", str(path)])
+    found = lsd.prepare_fcn_weights(args, None, 8)  # the toy run has 8 classes: C's layers stay as initialised
+    assert args.normalization == "caffe" and args.backbone == "vgg16_small"
+    model = lsd.FCN8s("vgg16_small", 8)
+    assert lsd.load_init(model, str(path), "vgg16_small", found) == "caffe"
+    assert torch.equal(model.fc6.weight, reference["fc6.weight"]) and model.score_fr.weight.abs().sum() == 0
+
+
+def test_vgg16_init_files_normalisation_by_digest_and_typed_flags(tmp_path, monkeypatch, capsys):
+    """A torchvision-layout VGG-16 (the layout of LSD-seg's vgg16_from_caffe.pth): features as they are, classifier.0/3
+    reshaped into fc6/fc7, classifier.6 dropped, C at 0. Its keys cannot say Caffe or ImageNet input: the published
+    files are known by their digests, any other file is taken as Caffe-trained; a typed --normalization wins."""
+    reference = small_fcn_state(8)
+    path = tmp_path / "vgg16.pth"
+    torch.save(released_lsdseg.torchvision_vgg(reference), path)
+    found = lsd.read_fcn_weights(str(path))
+    assert found["implied"] == {"normalization": "caffe", "backbone": "vgg16_small"}
+    assert found["kind"].startswith("torchvision-layout VGG-16 (no published file's digest")
+    model = lsd.FCN8s("vgg16_small", 8)
+    assert lsd.load_init(model, str(path), "vgg16_small", found) == "caffe"
+    own = model.state_dict()
+    assert all(torch.equal(own[k], reference[k]) for k in reference if k.startswith(("features.", "fc6.", "fc7.")))
+    assert all(own[f"{s}.weight"].abs().sum() == 0 for s in ("score_fr", "score_pool4", "score_pool3"))
+    md5, sha256 = (hashlib.new(a, path.read_bytes()).hexdigest() for a in ("md5", "sha256"))
+    monkeypatch.setattr(lsd, "VGG16_FILES", {("md5", md5): ("LSD-seg's vgg16_from_caffe.pth", "caffe")})
+    assert lsd.read_fcn_weights(str(path))["kind"] == "LSD-seg's vgg16_from_caffe.pth"
+    monkeypatch.setattr(lsd, "VGG16_FILES", {("sha256", sha256[:8]): ("torchvision's vgg16-397923af.pth", "imagenet")})
+    assert lsd.read_fcn_weights(str(path))["implied"]["normalization"] == "imagenet"
+    # the unknown-digest default, overridden by a typed flag (with a warning), recorded as applied
+    monkeypatch.setattr(lsd, "VGG16_FILES", {})
+    args = parse_args(lsd.Args, lsd.PRESETS, ["--init", str(path), "--normalization", "imagenet"])
+    found = lsd.prepare_fcn_weights(args, None, 8)
+    captured = capsys.readouterr()
+    assert "--normalization imagenet contradicts torchvision-layout VGG-16" in captured.err
+    assert args.normalization == "imagenet" and found["applied"] == {"backbone": "vgg16_small"}
+    assert "recognised torchvision-layout VGG-16" in captured.out and "backbone vgg16_small" in captured.out
+
+
+def test_wrong_weights_files_are_one_line_errors(tmp_path):
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"script": "source_only", "num_classes": 8}, foreign)
+    with pytest.raises(UserError, match="written by source_only, not lsdseg"):  # --resume/--eval-only/--init read it
+        lsd.read_fcn_weights(str(foreign), "--weights")
+    garbage = tmp_path / "garbage.pt"
+    torch.save({"a.weight": torch.zeros(2)}, garbage)
+    with pytest.raises(UserError, match="unrecognised layout.*accepted are our checkpoints, official LSD-seg"):
+        lsd.read_fcn_weights(str(garbage), "--weights")
+    not_weights = tmp_path / "list.pt"
+    torch.save([1, 2], not_weights)
+    with pytest.raises(UserError, match="is not an FCN-8s or VGG-16 weights file"):
+        lsd.read_fcn_weights(str(not_weights))
+    official = tmp_path / "checkpoint.pth.tar"
+    torch.save(released_lsdseg.lsd_checkpoint(small_fcn_state(19)), official)
+    args = parse_args(lsd.Args, lsd.PRESETS, ["--preset", "quick", "--eval-only", "--weights", str(official)])
+    with pytest.raises(UserError, match="has 19 classes, this run has 8"):
+        lsd.prepare_fcn_weights(args, None, 8)
+    with pytest.raises(UserError, match="--weights is read by --eval-only"):
+        lsd.prepare_fcn_weights(parse_args(lsd.Args, lsd.PRESETS, ["--weights", str(official)]), None, 8)
+    typed = parse_args(lsd.Args, lsd.PRESETS, ["--eval-only", "--weights", str(official), "--backbone", "vgg16"])
+    found = lsd.prepare_fcn_weights(typed, None, 19)  # a typed backbone the file does not fit: refused when loading
+    with pytest.raises(UserError, match="does not fit this network"):
+        load_matching(lsd.FCN8s("vgg16", 19), found["state"], "x", required=lambda k: True, unused_ok=lambda k: False)
+
+
+def test_official_checkpoint_evaluates_through_eval_only(tmp_path):
+    """--eval-only --weights <trainer_LSD.py's checkpoint> on a tiny Cityscapes folder with the paper preset's official
+    evaluation (argmax at --eval-size, label map nearest-resized): no flags needed (Caffe input and vgg16_small read
+    from the file), recorded in config.json and results.json, predictions in the benchmark format."""
+    names = released.cityscapes_tree(str(tmp_path / "data"))
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save(released_lsdseg.lsd_checkpoint(small_fcn_state(19)), path)
+    out, preds = tmp_path / "eval", tmp_path / "preds"
+    result = run_script("lsdseg.py", "--eval-only", "--weights", str(path), "--data-root", str(tmp_path / "data"),
+                        "--eval-size", "32", "64", "--num-workers", "0", "--out", str(out), "--device", "cpu",
+                        "--save-predictions", str(preds), check=True, env={"OMP_NUM_THREADS": "1"})
+    assert "recognised official LSD-seg checkpoint (FCN8s_LSD): caffe input, backbone vgg16_small" in result.stdout
+    config, results = (json.loads((out / f).read_text()) for f in ("config.json", "results.json"))
+    assert config["normalization"] == "caffe" and config["args"]["backbone"] == "vgg16_small"
+    assert config["args"]["eval_upsample"] == "nearest" and results["iters"] == 9000
+    assert results["loaded"] == {"file": str(path), "kind": "official LSD-seg checkpoint (FCN8s_LSD)",
+                                 "implied": {"normalization": "caffe", "backbone": "vgg16_small"}}
+    files = sorted(os.listdir(preds))
+    assert files == [f"{n}_leftImg8bit.png" for n in names]  # the name cityscapesScripts matches
+    saved = np.asarray(Image.open(preds / files[0]))
+    assert saved.shape == (64, 128) and set(np.unique(saved)) <= set(CITYSCAPES_LABEL_IDS)
