@@ -876,7 +876,7 @@ def main():
 
     # TRY NOT TO MODIFY: run folder, dry run, resume
     norm = args.normalization if args.normalization != "auto" else norm
-    loaded = {"file": args.weights[0] if args.eval_only else args.init, "kind": found["kind"],
+    loaded = {"file": args.weights[0] if args.eval_only else ckpt_path or args.init, "kind": found["kind"],
               "implied": found["applied"]} if found is not None else None
     log = RunLog(out_dir, rt.is_main)
     log.write_config(SCRIPT, args, param_counts(**networks), normalization=norm, num_classes=num_classes,

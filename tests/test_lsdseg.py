@@ -523,6 +523,8 @@ def test_resume_starts_at_the_checkpoint_and_ends_with_the_uninterrupted_weights
     resumed = run("--iters", 2, "--log-every", 1, "--out", out, "--resume", "auto")
     assert "at iteration 1" in resumed.stdout and "recognised lsdseg checkpoint" in resumed.stdout
     assert [r["iter"] for r in metrics(out)[rows_before:] if "seg_src" in r] == [2]
+    loaded = json.load(open(os.path.join(out, "config.json")))["loaded"]
+    assert loaded["kind"] == "lsdseg checkpoint" and loaded["file"] == os.path.join(out, "checkpoints", "last.pt")
     a = torch.load(os.path.join(straight, "checkpoints", "last.pt"), weights_only=True)
     b = torch.load(os.path.join(out, "checkpoints", "last.pt"), weights_only=True)
     assert b["iter"] == 2
