@@ -17,14 +17,26 @@ source batch's classes, 255 included), colour jitter (p 0.8, kornia-0.5 semantic
 on the mix; pixel-weighted mixed CE (mean over all pixels). Rare Class Sampling: P(c) = softmax((1-f_c)/0.01),
 an image with > 3,000 px of c, re-cropped up to 10 times until the crop holds > 1,500 px of c.
 Evaluation: the student, whole 1024x512 images (bilinear as mmcv), H/4 logits to 512x1024, then to the full
-1024x2048 labels (both bilinear, align_corners=False; mmseg encoder_decoder.py:77-81,228-233).
-Reported (paper): GTA5->Cityscapes 68.3 mIoU, SYNTHIA->Cityscapes 60.9 mIoU16 (mean of seeds 0, 1, 2).
+1024x2048 labels (both bilinear, align_corners=False; mmseg encoder_decoder.py:77-81,228-233), the protocol of
+the official tools/test.py on a release (`--eval-only --weights latest.pth`). SYNTHIA (19-way head, `--source
+synthia`): results.json's miou16 is the mean of the 16 classes' IoUs from the 19-class confusion; the official
+number is the logged mIoU19 x 19/16 (#18), the same value when the three classes SYNTHIA lacks score IoU 0.
+Reported (paper): GTA5->Cityscapes 68.3 mIoU, SYNTHIA->Cityscapes 60.9 mIoU16 (mean of seeds 0, 1, 2); the
+released checkpoints (median seed): 68.85 and 61.3 mIoU16.
 
 Deviations from the official code (all deliberate):
 - init: timm's ImageNet `pvt_v2_b5` (a different pretraining than SegFormer's `mit_b5.pth`, which loads with
-  `--init PATH` through timm's key remapping, 0 missing / 0 unexpected keys). The frozen FD encoder holds the
-  same ImageNet weights (`--fd-init`); with `--init` a trained segmentation checkpoint it still loads ImageNet
-  weights, as the official imnet_model, which is built from the pretrained file and never from load_from.
+  `--init PATH`). Weights files are recognised by their content (read_daformer_weights), their MiT/mmseg key names
+  mapped to timm's and ours, every tensor loaded or listed, the flags they imply (backbone, decoder, width,
+  normalisation) applied unless typed: SegFormer's ImageNet `mit_b5.pth` (raw, 'state_dict' or 'model'; its ImageNet
+  classifier set aside; official: a non-strict load that ignores what does not fit), the DAFormer releases
+  (`latest.pth`: mmcv `model.`/`ema_model.`/`imnet_model.`), mmseg MiT segmentors (`backbone.`/`decode_head.`: encoder
+  and head; official load_from puts such a file into the UDA wrapper, where no key matches and nothing loads),
+  timm pvt_v2 state dicts and our checkpoints. `--eval-only --weights` evaluates a file's student, as tools/test.py.
+  `--init FILE` loads the student; the EMA teacher starts as its copy (the file's teacher is set aside: the official
+  _init_ema_weights re-copies the student at iteration 0 after load_from); the frozen FD encoder (`--fd-init auto`)
+  takes the FD encoder the file holds (a release's imnet_model, as load_from does), else timm's ImageNet weights for
+  a trained segmentation model, else a copy of the student's initial encoder.
 - Mixed precision: on CUDA the forward and backward passes run under bf16 autocast (fp16 with a GradScaler
   where bf16 is missing) with TF32 matmuls by default; the paper trained in fp32 (`--no-amp` gives fp32).
   Losses, the teacher's softmax, the 0.968 confidence threshold and the pseudo-label weight q, the FD distances,
@@ -55,7 +67,10 @@ Deviations from the official code (all deliberate):
   ClassMix picks, dropout and drop-path masks) come from the same seeded generator on every rank, so rank r's
   k-th image gets the draws of rank 0's k-th image. Logged losses and q are rank 0's. Before each evaluation
   every rank takes rank 0's BN running statistics (mmcv DistEvalHook's broadcast_bn_buffer,
-  mmseg/core/evaluation/eval_hooks.py:73-79), so the sharded score is that of the saved checkpoint.
+  mmseg/core/evaluation/eval_hooks.py:73-79), so the sharded score is that of the saved checkpoint. Tested: 2
+  processes x 1 pair end train_step with 1 process x 2 pairs' student and teacher once those per-process parts are
+  made equal (decoder BN in eval mode, tau 0 so q = 1, a ClassMix mask and augmentation per image); the rest above
+  differs by construction.
 - `--preset quick` (CPU, toy pair): timm pvt_v2_b0 (MLP ratios 8/8/4/4, so not MiT-B0), random init (the FD
   "ImageNet" encoder is then the initial encoder), decoder width 64, 128x128 crops, 150 iterations of 2+2,
   AdamW 1e-3, warm-up 6, EMA alpha 0.99 (DACS's value; 0.999 averages over more iterations than the run has).
@@ -64,9 +79,11 @@ Docs: README.md, section "Methods"; toy benchmark: benchmarks/daformer.md.
 """
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
+import re
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -78,11 +95,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath
-from timm.models.pvt_v2 import checkpoint_filter_fn
 from tqdm import tqdm
 
-from common.checkpoint import load_checkpoint, load_weights, resume_path, rng_state, save_checkpoint, set_rng_state
-from common.cli import UserError, guard, parse_args
+from common.checkpoint import (load_checkpoint, load_matching, read_weights_file, resume_path, rng_state,
+                               save_checkpoint, set_rng_state)
+from common.cli import UserError, guard, imply, parse_args
 from common.data import SegDataset, TrainTransform, _worker_init, class_setup, domain_split, normalize, train_loader
 from common.metrics import evaluate_target
 from common.runlog import RunLog, param_counts
@@ -104,7 +121,8 @@ class Args:
     backbone: str = "pvt_v2_b5"
     """timm encoder: pvt_v2_b5 (= MiT-B5, paper) or pvt_v2_b0..b4 (MLP ratios 8/8/4/4, not MiT-B0..B4)"""
     init: str = "imagenet"
-    """imagenet (timm weights), none (random) or a local file (SegFormer mit_b5.pth or our checkpoint)"""
+    """imagenet (timm weights), none (random) or a local file recognised by its content: SegFormer's mit_b5.pth, a
+    DAFormer release (its student), an mmseg MiT segmentor, a timm pvt_v2 state dict or one of our checkpoints"""
     iters: int = 40000
     """training iterations (paper: 40k)"""
     batch_size: int = 2
@@ -132,7 +150,10 @@ class Args:
     eval_only: bool = False
     """evaluate --weights on the target val split, write results.json, exit"""
     weights: list[str] = field(default_factory=list)
-    """checkpoint(s) to evaluate with --eval-only"""
+    """file to evaluate with --eval-only: one of our checkpoints or an authors' release (README, released models)"""
+    save_predictions: Optional[str] = None
+    """write every target-val prediction of the final evaluation as a PNG into this folder (Cityscapes: label
+    ids at 2048x1024, named as the official evaluation and benchmark scripts expect)"""
     dry_run: bool = False
     """build networks and optimisers, write config.json with parameter counts, exit without reading data"""
     log_every: int = 50
@@ -152,7 +173,8 @@ class Args:
     synthia_classes: int = 19
     """classes of the head when the source is SYNTHIA: 19 (evaluated on 16/13) or 16"""
     normalization: Literal["auto", "imagenet", "caffe"] = "auto"
-    """input normalisation; auto: imagenet (RGB mean/std, what MiT/pvt_v2 weights expect); caffe: BGR, mean only"""
+    """input normalisation; auto: what the weights imply (imagenet, RGB mean/std, for MiT/pvt_v2 weights and the
+    DAFormer releases); caffe: BGR, mean only"""
     weight_decay: float = 0.01
     """AdamW weight decay; encoder parameters named *norm* get none (paper: 0.01)"""
     head_lr_mult: float = 10.0
@@ -212,7 +234,10 @@ class Args:
     fd_classes: list[str] = field(default_factory=list)
     """class names the feature distance uses, e.g. --fd-classes car person (default: the paper's thing classes in the class list)"""
     fd_init: str = "auto"
-    """frozen FD encoder weights: imagenet (timm), a local ImageNet file (mit_b5.pth), or auto: the student's initial encoder, but imagenet when --init is a trained segmentation checkpoint (official: always ImageNet)"""
+    """frozen FD encoder weights: imagenet (timm), a local file (mit_b5.pth; a DAFormer release or our checkpoint: the
+    FD encoder it holds), or auto: the FD encoder the --init file holds (a DAFormer release's imnet_model, our
+    checkpoint's), else timm's ImageNet weights when --init is a trained segmentation model, else the student's initial
+    encoder (official: the ImageNet file, or load_from's imnet_model)"""
     compile: bool = False
     """torch.compile the student and teacher forward passes"""
 
@@ -347,21 +372,195 @@ class DAFormerNet(nn.Module):
                  "weight_decay": weight_decay}]
 
 
-def load_init(model, init, backbone):
-    """Load --init into the encoder (and the decoder, from one of our checkpoints). Returns (normalisation,
-    what the encoder now holds: "imagenet", "random" or "trained", the last for a segmentation checkpoint)."""
+# ----------------------------------------------------------------------------------------------------
+# Weights files (../shared/reference/released-models.md, DAFormer): recognised by their content, mapped to our names
+# SegFormer's and mmseg's MixVisionTransformer names -> timm's pvt_v2 names (mix_transformer.py; applied in order)
+MIT_TO_TIMM = [
+    (r"^patch_embed1\.", "patch_embed."),
+    (r"^patch_embed([234])\.", lambda m: f"stages.{int(m.group(1)) - 1}.downsample."),
+    (r"^block([1-4])\.(\d+)\.", lambda m: f"stages.{int(m.group(1)) - 1}.blocks.{m.group(2)}."),
+    (r"^norm([1-4])\.", lambda m: f"stages.{int(m.group(1)) - 1}.norm."),
+    (r"\.mlp\.dwconv\.dwconv\.", ".mlp.dwconv."),
+]
+# mmseg's DAFormerHead names -> DecodeHead's (daformer_head.py, sep_aspp_head.py; an mmcv ConvModule is conv + bn, a
+# DepthwiseSeparableConvModule depthwise_conv + pointwise_conv). The releases were saved with the legacy UniHead,
+# which tools/test.py builds as DAFormerHead and loads non-strictly: its modules carry the same names.
+DAFORMER_HEAD_TO_OURS = [
+    (r"^embed_layers\.(\d)\.proj\.", r"embed.\1."),
+    (r"^fuse_layer\.aspp_modules\.0\.conv\.", "branches.0.0."),
+    (r"^fuse_layer\.aspp_modules\.0\.bn\.", "branches.0.1."),
+    (r"^fuse_layer\.aspp_modules\.(\d)\.depthwise_conv\.conv\.", r"branches.\1.0.0."),
+    (r"^fuse_layer\.aspp_modules\.(\d)\.depthwise_conv\.bn\.", r"branches.\1.0.1."),
+    (r"^fuse_layer\.aspp_modules\.(\d)\.pointwise_conv\.conv\.", r"branches.\1.1.0."),
+    (r"^fuse_layer\.aspp_modules\.(\d)\.pointwise_conv\.bn\.", r"branches.\1.1.1."),
+    (r"^fuse_layer\.(bottleneck\.)?conv\.", "fuse.0."),  # the 3x3 bottleneck (daformer) or the 1x1 fusion (segformer)
+    (r"^fuse_layer\.(bottleneck\.)?bn\.", "fuse.1."),
+    (r"^conv_seg\.", "classifier."),
+]
+WEIGHTS_LAYOUTS = ("our checkpoints, DAFormer releases (mmcv model./ema_model./imnet_model.), mmseg MiT segmentors "
+                   "(backbone./decode_head.), SegFormer MiT encoders (mit_b5.pth) and timm pvt_v2 state dicts")
+
+
+def renamed(state, rules):
+    out = {}
+    for key, value in state.items():
+        for pattern, replacement in rules:
+            key = re.sub(pattern, replacement, key)
+        out[key] = value
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def pvt_v2_shapes(name):
+    """{tensor name: shape} of timm's `name` encoder, built on the meta device (no memory, no initialisation)."""
+    with torch.device("meta"):
+        encoder = timm.create_model(name, pretrained=False, num_classes=0)
+    return {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
+
+
+def encoder_of(encoder) -> dict:
+    """{"backbone": name} of the timm pvt_v2 encoder whose tensors a (timm-named) state fits exactly, else {}."""
+    shapes = {k: tuple(v.shape) for k, v in encoder.items()}
+    names = [n for n in timm.list_models("pvt_v2_b*") if pvt_v2_shapes(n) == shapes]
+    return {"backbone": names[0]} if names else {}
+
+
+def decoder_of(head) -> dict:
+    """The decoder flags a head state (our names) was built with."""
+    if "embed.0.weight" not in head:
+        return {}
+    return {"decoder": "daformer" if "branches.0.0.weight" in head else "segformer",
+            "decoder_dim": int(head["embed.0.weight"].shape[0])}
+
+
+def read_daformer_weights(path, flag, script) -> dict:
+    """Recognise a weights file by its content (never its name) and map it to DAFormerNet's names.
+
+    Returns {"kind", "state": tensors under our names (encoder.*, head.*), "implied": the flags it implies, "iter",
+    "num_classes" (None without a decoder), "trained" (a segmentation model rather than ImageNet weights),
+    "fd_state": the FD encoder it holds (timm names) or None, "set_aside": the parts not used}. Layouts:
+    - a checkpoint of this repository (a "script" key, which must be `script`): its model, its FD encoder and the
+      network flags it was trained with (its EMA teacher is set aside: a run started from it copies the student);
+    - a DAFormer release, mmcv {'meta', 'state_dict'} of the DACS wrapper (uda_decorator.py:34, dacs.py:79-83):
+      model.* is the student, which the official tools/test.py evaluates (revise_keys 'model.' -> '' and a
+      non-strict load, :149-153); imnet_model.backbone.* is the frozen ImageNet encoder of FD; the EMA teacher
+      ema_model.* and imnet_model's unused decode head are set aside (a run started from the file copies the
+      student into the teacher, as the official _init_ema_weights does at iteration 0 after load_from);
+    - an mmseg segmentor without the wrapper (backbone.*, decode_head.*): encoder and head;
+    - an ImageNet MiT encoder (SegFormer's mit_b5.pth: patch_embed1.*, block1.*, ...; raw or under 'state_dict' or
+      'model', as mix_transformer.py:349-357 reads it; its ImageNet classifier head.* set aside) or a timm pvt_v2
+      state dict (patch_embed.*, stages.*).
+    MiT names map to timm's pvt_v2 names (MIT_TO_TIMM), DAFormerHead names to DecodeHead's (DAFORMER_HEAD_TO_OURS).
+    A flag typed on the command line beats what the file implies (common.cli.imply warns).
+    """
+    state = read_weights_file(path, flag)
+    if isinstance(state, dict) and "script" in state:  # ours
+        if state["script"] != script:
+            raise UserError(f"{path} was written by {state['script']}, not {script}")
+        saved = state.get("args", {})
+        implied = {k: saved[k] for k in ("backbone", "decoder", "decoder_dim") if k in saved}
+        implied["normalization"] = state.get("normalization", "imagenet")
+        return {"kind": f"{script} checkpoint", "state": state["model"], "implied": implied,
+                "iter": state.get("iter", 0), "num_classes": state.get("num_classes"), "trained": True,
+                "fd_state": state.get("imnet_encoder"), "set_aside": ["its EMA teacher"] if "teacher" in state else []}
+    meta = state.get("meta") if isinstance(state, dict) else None
+    for key in ("state_dict", "model"):  # mmcv's wrapper, or the other one mix_transformer.py accepts
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"{flag} {path} is not a DAFormer/MiT weights file: accepted are {WEIGHTS_LAYOUTS}")
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # a DataParallel save (tools/test.py :152)
+
+    def part(prefix):
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+    fd_state, set_aside = None, []
+    if "model.backbone.patch_embed1.proj.weight" in state:  # the DACS wrapper of a UDA run
+        kind, student = "DAFormer release (mmcv UDA checkpoint)", part("model.")
+        fd_state = renamed(part("imnet_model.backbone."), MIT_TO_TIMM) or None
+        used = ("model.", "imnet_model.backbone.")
+        for prefix, what in (("ema_model.", "EMA teacher"), ("imnet_model.decode_head.", "FD model's unused head")):
+            if part(prefix):
+                set_aside.append(f"{prefix}* ({what}, {len(part(prefix))} tensors)")
+                used += (prefix,)
+        left = [k for k in state if not k.startswith(used)]
+        if left:
+            raise UserError(f"{flag} {path}: a DAFormer release with parts this script does not know ({left[0]}, "
+                            f"...); accepted are {WEIGHTS_LAYOUTS}")
+    elif "backbone.patch_embed1.proj.weight" in state:
+        kind, student = "mmseg MiT segmentor", state
+    elif "patch_embed1.proj.weight" in state:
+        kind, student = "SegFormer MiT encoder", {"backbone." + k: v for k, v in state.items()
+                                                   if not k.startswith("head.")}
+        set_aside = [f"head.* (ImageNet classifier, {len(state) - len(student)} tensors)"] if len(state) > len(
+            student) else []
+    elif "patch_embed.proj.weight" in state and any(k.startswith("stages.") for k in state):
+        kind = "timm pvt_v2 encoder"
+        student = {"backbone." + k: v for k, v in state.items() if not k.startswith("head.")}
+    else:
+        raise UserError(f"{flag} {path}: unrecognised layout (keys such as {', '.join(list(state)[:3])}); accepted "
+                        f"are {WEIGHTS_LAYOUTS}")
+    encoder = {k[len("backbone."):]: v for k, v in student.items() if k.startswith("backbone.")}
+    encoder = encoder if kind == "timm pvt_v2 encoder" else renamed(encoder, MIT_TO_TIMM)
+    head = renamed({k[len("decode_head."):]: v for k, v in student.items() if k.startswith("decode_head.")},
+                   DAFORMER_HEAD_TO_OURS)
+    others = {k: v for k, v in student.items() if not k.startswith(("backbone.", "decode_head."))}  # listed on load
+    fits = encoder_of(encoder)
+    if not fits:
+        raise UserError(f"{flag} {path} ({kind}): its encoder fits none of timm's pvt_v2 encoders (MiT-B5 is "
+                        f"pvt_v2_b5; MiT-B0..B4 differ from pvt_v2_b0..b4 in their MLP ratios)")
+    return {"kind": kind, "state": {**{"encoder." + k: v for k, v in encoder.items()},
+                                    **{"head." + k: v for k, v in head.items()}, **others},
+            "implied": {**fits, **decoder_of(head), "normalization": "imagenet"},
+            "iter": int(meta.get("iter", 0)) if isinstance(meta, dict) else 0,
+            "num_classes": int(head["classifier.weight"].shape[0]) if "classifier.weight" in head else None,
+            "trained": bool(head), "fd_state": fd_state, "set_aside": set_aside}
+
+
+def prepare_daformer_weights(args, ckpt_path, script, num_classes) -> Optional[dict]:
+    """Read the file of --eval-only --weights, --resume or --init, apply the flags it implies (typed flags win) and
+    print one line on what was recognised: source_only.prepare_weights for DAFormer's layouts."""
+    found = None
+    if args.weights and not args.eval_only:
+        raise UserError("--weights is read by --eval-only; to start training from a file use --init PATH")
+    if args.eval_only:
+        if len(args.weights) != 1:
+            raise UserError("--eval-only needs exactly one --weights PATH")
+        found = read_daformer_weights(args.weights[0], "--weights", script)
+        if found["num_classes"] is None:
+            raise UserError(f"--weights {args.weights[0]} is an encoder without a decoder ({found['kind']}); "
+                            f"start training from it with --init")
+    elif ckpt_path:  # the network flags it was trained with; its normalisation comes back with the rest of its state
+        found = read_daformer_weights(ckpt_path, "--resume", script)
+        found["implied"].pop("normalization")
+    elif args.init not in ("imagenet", "none"):
+        found = read_daformer_weights(args.init, "--init", script)
+    if found is not None and (args.eval_only or ckpt_path) and found["num_classes"] != num_classes:
+        raise UserError(f"{args.weights[0] if args.eval_only else ckpt_path} has {found['num_classes']} classes, "
+                        f"this run has {num_classes}")
+    if found is not None:
+        found["applied"] = imply(args, found["implied"], found["kind"])
+        quirks = {"backbone": "{}", "decoder": "{} decoder", "decoder_dim": "width {}", "normalization": "{} input"}
+        said = [quirks[k].format(v) for k, v in found["applied"].items()] + [
+            f"set aside {what}" for what in found["set_aside"]]
+        print(f"recognised {found['kind']}" + (f": {', '.join(said)}" if said else ""), flush=True)
+    return found
+
+
+def load_init(model, init, backbone, found=None):
+    """Load --init into the student (found: read_daformer_weights' result for a file). Returns (normalisation, what
+    the encoder now holds: "random", "imagenet", or "trained" for a segmentation model). The encoder must load
+    completely; head tensors the file lacks or that do not fit (another class count) stay as initialised, listed."""
     if init == "none":
         return "imagenet", "random"
     if init == "imagenet":
-        load_encoder(model.encoder, imagenet_weights(backbone, "--init"), init, backbone, "--init")
-        return "imagenet", "imagenet"
-    state, head, trained = read_weights(init, model.encoder, "--init")
-    if head is not None:
-        own = model.head.state_dict()
-        if head.keys() == own.keys() and all(own[k].shape == v.shape for k, v in head.items()):
-            model.head.load_state_dict(head)
-    load_encoder(model.encoder, state, init, backbone, "--init")
-    return "imagenet", "trained" if trained else "imagenet"
+        state = {"encoder." + k: v for k, v in imagenet_weights(backbone, "--init").items()}
+        found = {"kind": "timm ImageNet weights", "state": state, "implied": {"normalization": "imagenet"},
+                 "trained": False}
+    load_matching(model, found["state"], f"--init {init} ({found['kind']})",
+                  required=lambda k: k.startswith("encoder."))
+    return found["implied"]["normalization"], "trained" if found["trained"] else "imagenet"
 
 
 def imagenet_weights(backbone, flag):
@@ -374,56 +573,30 @@ def imagenet_weights(backbone, flag):
                         ) from None
 
 
-def read_weights(path, encoder, flag):
-    """A weights file as (encoder state in timm names, our decoder state or None, trained): trained is True for a
-    segmentation model (one of our checkpoints, an mmseg checkpoint), False for encoder weights (SegFormer's
-    ImageNet mit_b5.pth, a timm state dict)."""
-    if not os.path.isfile(path):
-        raise UserError(f"{flag} {path}: no such file (use imagenet, none or a path)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot load {flag} {path}: {str(e).splitlines()[0][:200]}") from None
-    state = state.get("model", state.get("state_dict", state))
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    if any(k.startswith("encoder.") for k in state):  # one of our checkpoints
-        head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
-        return {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}, head, True
-    trained = any(k.startswith("backbone.") for k in state)  # an mmseg (DAFormer/SegFormer) segmentor
-    if trained:
-        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}  # the ImageNet classifier
-    return checkpoint_filter_fn(state, encoder), None, trained  # SegFormer MiT names -> timm names
-
-
-def load_encoder(encoder, state, source, backbone, flag):
-    """Strict load with a one-line error: every tensor of the encoder, nothing else."""
-    try:
-        missing, unexpected = encoder.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        raise UserError(f"{flag} {source} does not fit a {backbone}: {str(e).splitlines()[-1].strip()[:200]}") from None
-    if missing or unexpected:
-        raise UserError(f"{flag} {source} does not fit a {backbone}: {len(missing)} missing, {len(unexpected)} "
-                        f"unexpected tensors (e.g. {(missing or unexpected)[0]})")
-
-
-def fd_encoder(model, fd_init, student_init, backbone):
-    """The frozen encoder of the feature distance. The official imnet_model is built from the ImageNet file,
-    never from load_from or a resume (dacs.py:82-83): auto copies the student's initial encoder unless that
-    holds a trained segmentation model (student_init "trained"), then loads timm's ImageNet weights; imagenet
-    or a path load those weights. student_init None (resume, eval-only, dry run): a copy, loaded later."""
+def fd_encoder(model, fd_init, student_init, backbone, found=None):
+    """The frozen encoder of the feature distance. Official: imnet_model, built from the ImageNet file (dacs.py:82-83),
+    or load_from's imnet_model when a run starts from a UDA checkpoint. auto: the FD encoder the --init file holds
+    (found["fd_state"]), else timm's ImageNet weights when the student starts from a trained segmentation model, else
+    a copy of the student's initial encoder (its ImageNet weights; with --init none, random ones). student_init None
+    (resume, eval-only, dry run): a copy, loaded later or unused."""
     encoder = copy.deepcopy(model.encoder).requires_grad_(False).eval()
-    if student_init is None or (fd_init == "auto" and student_init != "trained"):
+    if student_init is None:
         return encoder
-    source = "imagenet" if fd_init == "auto" else fd_init
-    if source == "imagenet":
-        state = imagenet_weights(backbone, "--fd-init")
+    if fd_init == "auto" and found is not None and found["fd_state"] is not None:
+        state, source = found["fd_state"], f"auto (the FD encoder of the --init {found['kind']})"
+    elif fd_init == "imagenet" or fd_init == "auto" and student_init == "trained":
+        state, source = imagenet_weights(backbone, "--fd-init"), f"{fd_init} (timm ImageNet weights)"
+    elif fd_init == "auto":
+        return encoder
     else:
-        state, _, trained = read_weights(source, encoder, "--fd-init")
-        if trained:
-            raise UserError(f"--fd-init {source} is a trained segmentation model; the feature distance compares "
-                            f"with ImageNet weights (imagenet or a file such as mit_b5.pth)")
-    load_encoder(encoder, state, source, backbone, "--fd-init")
+        file = read_daformer_weights(fd_init, "--fd-init", SCRIPT)
+        if file["fd_state"] is None and file["trained"]:
+            raise UserError(f"--fd-init {fd_init} is a trained segmentation model without an FD encoder; the feature "
+                            f"distance compares with ImageNet weights (imagenet or a file such as mit_b5.pth)")
+        state = file["fd_state"] if file["fd_state"] is not None else {
+            k.removeprefix("encoder."): v for k, v in file["state"].items()}
+        source = f"{fd_init} ({file['kind']})"
+    load_matching(encoder, state, f"--fd-init {source}", required=lambda k: True, unused_ok=lambda k: False)
     return encoder
 
 
@@ -728,24 +901,72 @@ def frame_size(split, transform):
     return transform(split.load(0, False)[0], None, np.random.default_rng(0))[0].shape[:2]
 
 
-def broadcast_bn_statistics(model, rt):
-    """Rank 0's BN running statistics to every rank before an evaluation (mmcv DistEvalHook broadcast_bn_buffer,
-    mmseg/core/evaluation/eval_hooks.py:73-79): ranks train on different images, and each scores its own val
-    shard, which should be scored by the model the checkpoint saves."""
-    if not rt.distributed:
-        return
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            torch.distributed.broadcast(m.running_mean, 0)  # on the run's device (NCCL)
-            torch.distributed.broadcast(m.running_var, 0)
-
-
 def rcs_loader(dataset, sampler, batch_size, num_workers, pin_memory):
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                          pin_memory=pin_memory, drop_last=True, worker_init_fn=_worker_init,
                                          persistent_workers=num_workers > 0,
                                          prefetch_factor=4 if num_workers > 0 else None)
     return iter(loader)
+
+
+def logits_at_input(logits, images):
+    """mmseg's whole-image inference (encoder_decoder.py:77-81): the H/4 logits resized to the input first, bilinear
+    with align_corners False (common.metrics then resizes them to the label size the same way, :228-233)."""
+    return F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: one training iteration (main() calls it; tests/test_daformer.py checks it against a reference)
+def train_step(model, teacher, imnet_encoder, optimizer, rt, it, images, labels, target_images, to_input, args,
+               thing_lut, pseudo_crop):
+    """One DAFormer iteration in the official order (dacs.py forward_train, then the optimizer step):
+    1. t >= 1: EMA teacher update from the student's current weights (parameters only);
+    2. source CE + thing-class feature distance to the frozen ImageNet encoder (source images only), one backward;
+    3. teacher pseudo labels on the un-augmented target images, under no_grad (BN in train mode): argmax, weight q
+       (share of confident pixels) with the top/bottom pseudo_crop rows at 0;
+    4. ClassMix of source pixels into the target images (image, labels, and weight 1 on source pixels, the pseudo
+       weight elsewhere), jitter and blur on the mixed image only, pixel-weighted CE on the mix, backward;
+    5. one optimizer step on the summed gradients.
+    images and target_images are uint8 batches, labels train ids on the device. teacher None: --source-only (steps 1,
+    3, 4 skipped); imnet_encoder None: --no-fd. Returns the losses by name (and q as pseudo_weight)."""
+    if teacher is not None and it > 0:
+        ema_update(teacher, unwrap(model), ema_alpha_at(it, args.ema_alpha))
+    source_x = to_input(images)
+    optimizer.zero_grad(set_to_none=True)
+    # source CE + FD backward first, which frees its graph (official dacs.py); DDP syncs once, after the mix
+    with model.no_sync() if hasattr(model, "no_sync") and teacher is not None else nullcontext():
+        with rt.autocast():
+            feats, logits = model(source_x)
+        losses = {"seg_src": weighted_ce(logits, labels)}
+        if imnet_encoder is not None:
+            with torch.no_grad(), rt.autocast():
+                imnet_feat = imnet_encoder.forward_intermediates(source_x, indices=[3], intermediates_only=True)
+            losses["fd"] = args.fd_lambda * feature_distance(feats[-1], imnet_feat[0], labels, thing_lut,
+                                                             args.fd_purity, logits.shape[1])
+        rt.scaler.scale(sum(losses.values())).backward()
+    if teacher is not None:
+        target_x = to_input(target_images)
+        with torch.no_grad():
+            with rt.autocast():
+                teacher_logits = teacher(target_x)[1]
+            pseudo, pseudo_weight, q = pseudo_labels(teacher_logits, target_x.shape[-2:], args.pseudo_threshold,
+                                                     pseudo_crop)
+            mix = class_mix_masks(labels) if args.mix else torch.zeros_like(labels, dtype=torch.bool)
+            m = mix[:, None].float()
+            source_unit = images.to(labels.device, non_blocking=True).float() / 255
+            target_unit = target_images.to(labels.device, non_blocking=True).float() / 255
+            mixed = strong_augment(m * source_unit + (1 - m) * target_unit, args.jitter_p, args.jitter_strength,
+                                   args.blur_p)
+            mixed_labels = torch.where(mix, labels, pseudo)
+            mixed_weight = torch.where(mix, torch.ones_like(pseudo_weight), pseudo_weight)
+        with rt.autocast():
+            _, mixed_logits = model(to_input(mixed * 255))  # [0, 1] -> normalised
+        losses["mix"] = weighted_ce(mixed_logits, mixed_labels, mixed_weight)
+        rt.scaler.scale(losses["mix"]).backward()
+        losses["pseudo_weight"] = q
+    rt.scaler.step(optimizer)
+    rt.scaler.update()
+    return losses
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -767,18 +988,19 @@ def main():
     if args.crop_size is not None and len(args.crop_size) not in (1, 2) or len(args.pseudo_crop) != 2:
         raise UserError("--crop-size takes H [W] and --pseudo-crop takes TOP BOTTOM")
     check_switched_flags(args)
+    found = prepare_daformer_weights(args, ckpt_path, SCRIPT, num_classes)  # the --init/--weights file, what it implies
     crop = tuple(args.crop_size * 2)[:2] if args.crop_size else None
     model = DAFormerNet(args.backbone, num_classes, args.decoder, args.decoder_dim, args.drop_path, args.dropout)
-    norm, student_init = (load_init(model, args.init, args.backbone) if not (ckpt_path or args.eval_only or
-                                                                            args.dry_run) else (None, None))
+    norm, student_init = (load_init(model, args.init, args.backbone, found) if not (ckpt_path or args.eval_only or
+                                                                                   args.dry_run) else (None, None))
     model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
     optimizer = torch.optim.AdamW(model.param_groups(args.lr, args.head_lr_mult, args.weight_decay), lr=args.lr,
                                   betas=(0.9, 0.999), weight_decay=args.weight_decay, fused=rt.device.type == "cuda")
     networks = {"model": model}
     if not args.source_only:  # the EMA teacher starts as a copy of the student (official _init_ema_weights)
-        networks["teacher"] = teacher = teacher_mode(copy.deepcopy(model).requires_grad_(False))
+        networks["teacher"] = teacher_mode(copy.deepcopy(model).requires_grad_(False))
     if args.fd:  # the frozen ImageNet encoder, and the thing classes it compares on
-        networks["imnet_encoder"] = imnet_encoder = fd_encoder(model, args.fd_init, student_init, args.backbone)
+        networks["imnet_encoder"] = fd_encoder(model, args.fd_init, student_init, args.backbone, found)
         thing_ids = fd_class_ids(args.fd_classes, classes)
         args.fd_classes = [classes[c] for c in thing_ids]  # resolved, so that config.json names them
         thing_lut = torch.zeros(256, dtype=torch.bool, device=rt.device)
@@ -788,27 +1010,33 @@ def main():
 
     # TRY NOT TO MODIFY: run folder, dry run, resume
     norm = args.normalization if args.normalization != "auto" else norm
+    loaded = {"file": args.weights[0] if args.eval_only else args.init, "kind": found["kind"],
+              "implied": found["applied"]} if found is not None else None
     log = RunLog(out_dir, rt.is_main)
-    log.write_config(SCRIPT, args, param_counts(**networks), normalization=norm, num_classes=num_classes)
+    log.write_config(SCRIPT, args, param_counts(**networks), normalization=norm, num_classes=num_classes,
+                     loaded=loaded)
     if args.dry_run:
         print(f"dry run: config written to {log.path('config.json')}")
         return
     start_iter = 0
-    if ckpt_path or args.eval_only:
-        if args.eval_only and len(args.weights) != 1:
-            raise UserError("--eval-only needs exactly one --weights PATH")
-        ckpt = load_checkpoint(args.weights[0] if args.eval_only else ckpt_path, SCRIPT, num_classes)
-        load_weights(model, ckpt["model"])
+    if args.eval_only:  # every tensor of the student; a release's teacher and FD copy were set aside when read
+        load_matching(model, found["state"], f"--weights {args.weights[0]} ({found['kind']})", required=lambda k: True,
+                      unused_ok=lambda k: False)
+        start_iter = found["iter"]
+    elif ckpt_path:
+        ckpt = load_checkpoint(ckpt_path, SCRIPT, num_classes)
+        load_matching(model, ckpt["model"], f"--resume {ckpt_path}", required=lambda k: True, unused_ok=lambda k: False,
+                      quiet=True)
         norm, start_iter = ckpt["normalization"], ckpt["iter"]
-        if not args.eval_only:
-            for name in networks.keys() - {"model"}:
-                if name not in ckpt:
-                    raise UserError(f"{ckpt_path} has no {name}: resume with the flags of the original run")
-                networks[name].load_state_dict(ckpt[name])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            rt.scaler.load_state_dict(ckpt["scaler"])
-            set_rng_state(ckpt["rng"])
-            print(f"resumed from {ckpt_path} at iteration {start_iter}")
+        for name in networks.keys() - {"model"}:  # the EMA teacher and the FD encoder
+            if name not in ckpt:
+                raise UserError(f"{ckpt_path} has no {name}: resume with the flags of the original run")
+            load_matching(networks[name], ckpt[name], f"--resume {ckpt_path} ({name})", required=lambda k: True,
+                          unused_ok=lambda k: False, quiet=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        rt.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        print(f"resumed from {ckpt_path} at iteration {start_iter}")
 
     def to_input(images):
         x = normalize(images.to(rt.device, non_blocking=True), norm)
@@ -818,25 +1046,23 @@ def main():
     target_val = domain_split(args.target, "val", args.data_root)
     eval_size = args.eval_size or args.target_size or target_val.paper_size
 
-    def upsample(logits, images):  # mmseg: logits to the input size first, then to the label size
-        return F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
-
     def evaluate_model(final=False):
+        rt.share_buffers(model)  # rank 0's BN statistics on every rank: the network its checkpoint holds
         model.eval()
-        broadcast_bn_statistics(model, rt)  # every rank scores its shard with the statistics the checkpoint saves
         with torch.no_grad(), rt.autocast():
-            summary = evaluate_target(lambda x: upsample(model(to_input(x))[1], x), target_val, rt,
+            summary = evaluate_target(lambda x: logits_at_input(model(to_input(x))[1], x), target_val, rt,
                                       align_corners=False, log=log,
                                       num_predictions=args.num_predictions if final else 0, limit=args.eval_limit,
                                       eval_size=eval_size, pred_map=pred_map,
                                       synthia_protocols=args.source == "synthia" and len(eval_classes) == 19,
+                                      save_dir=args.save_predictions if final else None, num_workers=args.num_workers,
                                       interpolation=INTERPOLATION)
         model.train()
         return summary
 
     if args.eval_only:
         summary = evaluate_model(final=True)
-        log.write_results(summary, start_iter, weights=args.weights)
+        log.write_results(summary, start_iter, weights=args.weights, loaded=loaded)
         print(f"target val mIoU {summary['miou']:.2f} ({log.path('results.json')})")
         return
 
@@ -885,11 +1111,10 @@ def main():
         SegDataset(target_train, target_transform, with_label=False), per_rank_batch, args.seed + 10_000,
         start_iter, rt.rank, rt.world, num_workers=args.num_workers, pin_memory=pin)
     torch.set_rng_state(loop_rng)
-    train_model = rt.wrap(model)
-    teacher_forward = networks.get("teacher")
+    train_model, teacher, imnet_encoder = rt.wrap(model), networks.get("teacher"), networks.get("imnet_encoder")
     if args.compile:
         train_model = torch.compile(train_model)
-        teacher_forward = torch.compile(teacher_forward) if teacher_forward is not None else None
+        teacher = torch.compile(teacher) if teacher is not None else None
     crop_h = crop[0] if crop else frame_size(target_train, target_transform)[0]
     pseudo_crop = [round(r * crop_h / 512) for r in args.pseudo_crop]  # the paper's rows are for 512-row crops
 
@@ -904,46 +1129,11 @@ def main():
         set_lr(optimizer, lr)
 
         # ALGO LOGIC: one iteration
-        if not args.source_only and it > 0:
-            ema_update(teacher, unwrap(model), ema_alpha_at(it, args.ema_alpha))
         images, labels, _ = next(source_batches)
         labels = labels.to(rt.device, non_blocking=True).long()
-        source_x = to_input(images)
-        optimizer.zero_grad(set_to_none=True)
-        # source CE + FD backward first, which frees its graph (official dacs.py); DDP syncs once, after the mix
-        with train_model.no_sync() if hasattr(train_model, "no_sync") and not args.source_only else nullcontext():
-            with rt.autocast():
-                feats, logits = train_model(source_x)
-            losses = {"seg_src": weighted_ce(logits, labels)}
-            if args.fd:
-                with torch.no_grad(), rt.autocast():
-                    imnet_feat = imnet_encoder.forward_intermediates(source_x, indices=[3], intermediates_only=True)
-                losses["fd"] = args.fd_lambda * feature_distance(feats[-1], imnet_feat[0], labels, thing_lut,
-                                                                 args.fd_purity, num_classes)
-            rt.scaler.scale(sum(losses.values())).backward()
-        if not args.source_only:
-            target_images, _, _ = next(target_batches)
-            target_x = to_input(target_images)
-            with torch.no_grad():
-                with rt.autocast():
-                    teacher_logits = teacher_forward(target_x)[1]
-                pseudo, pseudo_weight, q = pseudo_labels(teacher_logits, target_x.shape[-2:], args.pseudo_threshold,
-                                                         pseudo_crop)
-                mix = class_mix_masks(labels) if args.mix else torch.zeros_like(labels, dtype=torch.bool)
-                m = mix[:, None].float()
-                source_unit = images.to(rt.device, non_blocking=True).float() / 255
-                target_unit = target_images.to(rt.device, non_blocking=True).float() / 255
-                mixed = strong_augment(m * source_unit + (1 - m) * target_unit, args.jitter_p,
-                                       args.jitter_strength, args.blur_p)
-                mixed_labels = torch.where(mix, labels, pseudo)
-                mixed_weight = torch.where(mix, torch.ones_like(pseudo_weight), pseudo_weight)
-            with rt.autocast():
-                _, mixed_logits = train_model(to_input(mixed * 255))  # [0, 1] -> normalised
-            losses["mix"] = weighted_ce(mixed_logits, mixed_labels, mixed_weight)
-            rt.scaler.scale(losses["mix"]).backward()
-            losses["pseudo_weight"] = q
-        rt.scaler.step(optimizer)
-        rt.scaler.update()
+        target_images = None if args.source_only else next(target_batches)[0]
+        losses = train_step(train_model, teacher, imnet_encoder, optimizer, rt, it, images, labels, target_images,
+                            to_input, args, thing_lut if args.fd else None, pseudo_crop)
 
         # TRY NOT TO MODIFY: logging, evaluation, checkpoints
         for k, v in losses.items():
