@@ -64,11 +64,14 @@ EXCEPTIONS = {
     ("advent", "evaluation"): ("extends", "the checkpoint also holds the discriminators and their Adams"),
     ("self_regulation", "run folder, dry run, resume"): ("extends", "resumes the side exits"),
     ("self_regulation", "evaluation"): ("extends", "the checkpoint also holds the side exits"),
-    ("daformer", "run folder, dry run, resume"): ("extends", "resumes the EMA teacher and the ImageNet feature "
-                                                             "model"),
+    ("daformer", "run folder, dry run, resume"): ("differs", "--eval-only loads the student of a DAFormer file "
+                                                             "with nothing left over (a release's EMA teacher and "
+                                                             "FD copy are set aside when read; no ASPP quirk); "
+                                                             "resumes the EMA teacher and the ImageNet feature "
+                                                             "encoder"),
     ("daformer", "evaluation"): ("differs", "mmseg's protocol: mmcv-bilinear input resize, logits resized to the "
-                                            "input first, align_corners False; the checkpoint also holds the EMA "
-                                            "teacher and the FD encoder"),
+                                            "input first (logits_at_input), align_corners False; the checkpoint "
+                                            "also holds the EMA teacher and the FD encoder"),
     ("daformer", "training loop"): ("extends", "linear learning-rate warm-up on top of the poly schedule"),
     ("bdl", "run folder, dry run, resume"): ("differs", "a multi-stage pipeline: a stage is done when its output "
                                                         "file exists; resumes the stage in progress (CycleGAN or "
