@@ -13,6 +13,7 @@ safe-globals allow-list and nothing else; each script maps the keys to its own m
 import os
 import random
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -116,7 +117,12 @@ def read_weights_file(path, flag="--init"):
         raise UserError(f"{flag} {path}: no such file")
     try:
         with torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except UnicodeDecodeError:  # a Python 2 pickle (LSD-seg's checkpoints): its byte strings are latin1
+                with warnings.catch_warnings():  # torch warns that encoding is ignored; legacy files honour it
+                    warnings.filterwarnings("ignore", "pickle_load_args only works")
+                    return torch.load(path, map_location="cpu", weights_only=True, encoding="latin1")
     except Exception as e:  # truncated, not a torch file, or a pickle with objects beyond tensors and numbers
         message = " ".join(str(e).split())
         if "Unsupported global" in message:
