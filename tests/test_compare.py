@@ -164,7 +164,7 @@ def test_step_time_leaves_out_startup_and_evaluations(tmp_path):
 
 def test_config_matching_and_commands():
     args = compare.parse(["--methods", "advent_ensemble", "--iters", "20", "--extra", "--no-amp --crop-size 64 64"])
-    assert [m.name for m in args.method_list] == ["source_only", "source_only+adabn", "advent", "advent_minent",
+    assert [m.name for m in args.method_list] == ["source_only", "source_only+adabn", "advent", "advent_minent_er",
                                                   "advent_ensemble"]  # its dependencies and controls
     ensemble = args.method_list[-1]
     argv = compare.command(args, ensemble, 1)
