@@ -519,7 +519,8 @@ def prepare_levels(args, ckpt_path, num_classes) -> Optional[dict]:
     - a file with one head (a BDL-style release, a single-level checkpoint) implies single-level unless
       `--multi-level` is typed (then the aux head starts at random init with --init, or --eval-only refuses);
     - `--single-level` with `--multi-level` typed is a contradiction; aux-output weights typed for a single-level
-      training run could not act and are refused (--eval-only trains nothing: anything goes)."""
+      training run could not act and are refused, and so are the discriminators' `--gan`/`--lr-d` when every
+      adversarial weight that acts is 0 (D would never reach the segmenter); --eval-only trains nothing."""
     given = getattr(args, "given", frozenset())
     if args.single_level:
         if "multi_level" in given and args.multi_level:
@@ -533,6 +534,11 @@ def prepare_levels(args, ckpt_path, num_classes) -> Optional[dict]:
             why = "--single-level (no aux output)" if {"single_level", "multi_level"} & given or found is None else \
                 f"{found['kind']}, which has one head (--multi-level adds an aux head at random init)"
             raise UserError(f"{' '.join(typed)}: no effect with {why}")
+    adversarial = args.lambda_adv_main or (args.multi_level and args.lambda_adv_aux)
+    typed = [f"--{name.replace('_', '-')}" for name in ("gan", "lr_d") if name in given]
+    if typed and not adversarial and not args.eval_only:
+        raise UserError(f"{' '.join(typed)}: no effect with every adversarial weight at 0 (the discriminators never "
+                        f"reach the segmenter)")
     aux = [k for k in found["state"] if k.startswith("aux_head.")] if found and (args.eval_only or not ckpt_path) \
         else []
     if args.single_level and aux:

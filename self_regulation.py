@@ -596,19 +596,32 @@ def sr_f_loss(maps, variant="official", tau=1.0, valid=None):
 # ----------------------------------------------------------------------------------------------------
 # ALGO LOGIC: the method's flags, checked before anything is built
 def check_method_flags(args):
-    """Resolve --sr-start-iter -1 (a third of --iters) and refuse values that are invalid or could not act."""
+    """Resolve --sr-start-iter -1 (a third of --iters); refuse invalid values, and method flags typed for a training
+    run that could not act there. Called after the weights file is read: it may imply --multi-level."""
     if args.sr_start_iter == -1:  # the quick preset: the MEA-only warm-up scales with the schedule
         args.sr_start_iter = args.iters // 3
     if args.sr_start_iter < 0 or args.sr_temperature <= 0 or args.exit_channels < 1:
         raise UserError("--sr-start-iter must be >= 0 (or -1), --sr-temperature > 0 and --exit-channels >= 1")
-    if args.eval_only:  # evaluation trains nothing: the SR flags do not matter
+    if args.eval_only:  # evaluation trains nothing: the method's flags do not matter
         return
-    if "sr_temperature" in getattr(args, "given", ()) and args.sr_variant == "official":
-        raise UserError("--sr-temperature: no effect with --sr-variant official (hard targets); use --sr-variant "
-                        "softened")
-    if args.sr_start_iter >= args.iters and (args.lambda_sr_l or args.lambda_sr_f):
+    sr_weighted = bool(args.lambda_sr_l or args.lambda_sr_f)
+    if sr_weighted and args.sr_start_iter >= args.iters:
         raise UserError(f"--sr-start-iter {args.sr_start_iter} >= --iters {args.iters}: SR-L and SR-F would never be "
                         f"optimised; lower --sr-start-iter (or pass --lambda-sr-l 0 --lambda-sr-f 0 for MEA only)")
+    idle = {"lambda_seg_aux": "without --multi-level (no aux head)",
+            "sr_temperature": "with --sr-variant official (hard targets; --sr-variant softened uses it)"
+            if args.sr_variant == "official" else None,
+            "sr_resolution": "with --lambda-sr-f 0" if not args.lambda_sr_f else None,
+            "sr_f_skip_ignored": "with --lambda-sr-f 0" if not args.lambda_sr_f else None}
+    if args.multi_level:
+        idle["lambda_seg_aux"] = None
+    if not sr_weighted:
+        idle.update({name: "with --lambda-sr-l 0 --lambda-sr-f 0 (no SR term is optimised)"
+                     for name in ("sr_variant", "sr_temperature", "sr_start_iter", "sr_resolution",
+                                  "sr_f_skip_ignored")})
+    typed = [(name, why) for name, why in idle.items() if why and name in getattr(args, "given", ())]
+    if typed:
+        raise UserError(f"--{typed[0][0].replace('_', '-')}: no effect {typed[0][1]}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -653,7 +666,6 @@ def train_step(model, optimizer, rt, images, labels, it, args):
 # ----------------------------------------------------------------------------------------------------
 def main():
     args = parse_args(Args, PRESETS, description=__doc__)
-    check_method_flags(args)
     # TRY NOT TO MODIFY: setup
     rt = Runtime(args.device, args.amp)
     args.world_size, args.rank = rt.world, rt.rank
@@ -668,6 +680,7 @@ def main():
 
     # ALGO LOGIC: networks and optimisers
     found = prepare_weights(args, ckpt_path, SCRIPT, num_classes)  # the --init/--weights file and what it implies
+    check_method_flags(args)  # after the file, which may imply --multi-level
     model = DeepLabV2(args.backbone, num_classes, args.multi_level, args.aspp_branches, args.bn_mode, args.stride_on)
     norm = load_init(model, args.init, args.backbone, found) if not (ckpt_path or args.eval_only or args.dry_run) \
         else None

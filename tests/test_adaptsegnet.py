@@ -302,6 +302,10 @@ def test_single_and_multi_level_settled_against_the_file(release_files, capsys):
         asn.prepare_levels(parsed("--no-multi-level", "--lambda-adv-aux", "0.1", "--lambda-seg-aux", "0.2"), None, 19)
     with pytest.raises(UserError, match="BDL release, which has one head"):
         asn.prepare_levels(parsed("--init", str(release_files["bdl"]), "--lambda-adv-aux", "0.1"), None, 19)
+    with pytest.raises(UserError, match="--gan --lr-d: no effect with every adversarial weight at 0"):
+        asn.prepare_levels(parsed("--lambda-adv-main", "0", "--lambda-adv-aux", "0", "--gan", "ls", "--lr-d", "1"),
+                           None, 19)
+    assert asn.prepare_levels(parsed("--single-level", "--lambda-adv-main", "0.01", "--gan", "ls"), None, 19) is None
     args = parsed("--eval-only", "--weights", str(release_files["bdl"]), "--lambda-adv-aux", "0.1")
     assert asn.prepare_levels(args, None, 19)["kind"] == "BDL release"  # --eval-only trains nothing
 

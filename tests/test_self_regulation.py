@@ -291,16 +291,25 @@ def test_paper_preset_is_source_only_plus_the_sr_ss_defaults():
 
 
 def test_flags_that_cannot_act_are_refused():
-    with pytest.raises(UserError, match="--sr-temperature: no effect with --sr-variant official"):
-        parsed("--sr-temperature", "2")
-    with pytest.raises(UserError, match="--sr-start-iter 10000 >= --iters 5000"):
-        parsed("--iters", "5000")
-    with pytest.raises(UserError, match="--sr-temperature > 0"):
-        parsed("--sr-variant", "softened", "--sr-temperature", "0")
+    def refusal(*argv):
+        with pytest.raises(UserError) as e:
+            parsed(*argv)
+        return str(e.value)
+    assert "--sr-temperature: no effect with --sr-variant official" in refusal("--sr-temperature", "2")
+    assert "--sr-start-iter 10000 >= --iters 5000" in refusal("--iters", "5000")
+    assert "--sr-temperature > 0" in refusal("--sr-variant", "softened", "--sr-temperature", "0")
+    assert "--lambda-seg-aux: no effect without --multi-level" in refusal("--lambda-seg-aux", "0.2")
+    assert "--sr-resolution: no effect with --lambda-sr-f 0" in refusal("--lambda-sr-f", "0", "--sr-resolution", "half")
+    assert "--sr-variant: no effect with --lambda-sr-l 0 --lambda-sr-f 0" in refusal(
+        "--lambda-sr-l", "0", "--lambda-sr-f", "0", "--sr-variant", "softened")
+    # what acts is accepted: the softened temperature, MEA only by its weights, anything with --eval-only
     assert parsed("--sr-variant", "softened", "--sr-temperature", "2").sr_temperature == 2.0
-    assert parsed("--iters", "5000", "--lambda-sr-l", "0", "--lambda-sr-f", "0").iters == 5000  # MEA only, asked
-    assert parsed("--eval-only", "--sr-temperature", "2", "--iters", "1").eval_only  # evaluation trains nothing
+    assert parsed("--iters", "5000", "--lambda-sr-l", "0", "--lambda-sr-f", "0").iters == 5000
+    assert parsed("--multi-level", "--lambda-seg-aux", "0.2").lambda_seg_aux == 0.2
+    assert parsed("--eval-only", "--sr-temperature", "2", "--iters", "1").eval_only
     assert parsed("--preset", "quick").sr_start_iter == 400 // 3
+    proc = run_script("--lambda-seg-aux", "0.2", "--out", "unused", check=False)  # one line, before any data
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --lambda-seg-aux")
 
 
 def test_caffe_init_file_loads_into_the_backbone(tmp_path):
