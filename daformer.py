@@ -421,8 +421,8 @@ def pvt_v2_shapes(name):
 def encoder_of(encoder) -> dict:
     """{"backbone": name} of the timm pvt_v2 encoder whose tensors a (timm-named) state fits exactly, else {}."""
     shapes = {k: tuple(v.shape) for k, v in encoder.items()}
-    names = [n for n in timm.list_models("pvt_v2_b*") if pvt_v2_shapes(n) == shapes]
-    return {"backbone": names[0]} if names else {}
+    name = next((n for n in timm.list_models("pvt_v2_b*") if pvt_v2_shapes(n) == shapes), None)
+    return {"backbone": name} if name else {}
 
 
 def decoder_of(head) -> dict:
@@ -438,7 +438,8 @@ def read_daformer_weights(path, flag, script) -> dict:
 
     Returns {"kind", "state": tensors under our names (encoder.*, head.*), "implied": the flags it implies, "iter",
     "num_classes" (None without a decoder), "trained" (a segmentation model rather than ImageNet weights),
-    "fd_state": the FD encoder it holds (timm names) or None, "set_aside": the parts not used}. Layouts:
+    "fd_state": the FD encoder it holds (timm names) or None, "set_aside": the parts not used, "foreign_head": a key
+    of a decode head other than DAFormerHead, or None}. Layouts:
     - a checkpoint of this repository (a "script" key, which must be `script`): its model, its FD encoder and the
       network flags it was trained with (its EMA teacher is set aside: a run started from it copies the student);
     - a DAFormer release, mmcv {'meta', 'state_dict'} of the DACS wrapper (uda_decorator.py:34, dacs.py:79-83):
@@ -462,7 +463,8 @@ def read_daformer_weights(path, flag, script) -> dict:
         implied["normalization"] = state.get("normalization", "imagenet")
         return {"kind": f"{script} checkpoint", "state": state["model"], "implied": implied,
                 "iter": state.get("iter", 0), "num_classes": state.get("num_classes"), "trained": True,
-                "fd_state": state.get("imnet_encoder"), "set_aside": ["its EMA teacher"] if "teacher" in state else []}
+                "fd_state": state.get("imnet_encoder"), "set_aside": ["its EMA teacher"] if "teacher" in state else [],
+                "foreign_head": None}
     meta = state.get("meta") if isinstance(state, dict) else None
     for key in ("state_dict", "model"):  # mmcv's wrapper, or the other one mix_transformer.py accepts
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -493,8 +495,8 @@ def read_daformer_weights(path, flag, script) -> dict:
     elif "patch_embed1.proj.weight" in state:
         kind, student = "SegFormer MiT encoder", {"backbone." + k: v for k, v in state.items()
                                                    if not k.startswith("head.")}
-        set_aside = [f"head.* (ImageNet classifier, {len(state) - len(student)} tensors)"] if len(state) > len(
-            student) else []
+        classifier = len(state) - len(student)
+        set_aside = [f"head.* (ImageNet classifier, {classifier} tensors)"] if classifier else []
     elif "patch_embed.proj.weight" in state and any(k.startswith("stages.") for k in state):
         kind = "timm pvt_v2 encoder"
         student = {"backbone." + k: v for k, v in state.items() if not k.startswith("head.")}
@@ -506,6 +508,7 @@ def read_daformer_weights(path, flag, script) -> dict:
     head = renamed({k[len("decode_head."):]: v for k, v in student.items() if k.startswith("decode_head.")},
                    DAFORMER_HEAD_TO_OURS)
     others = {k: v for k, v in student.items() if not k.startswith(("backbone.", "decode_head."))}  # listed on load
+    foreign = [k for k in head if not k.startswith(("embed.", "branches.", "fuse.", "classifier."))]
     fits = encoder_of(encoder)
     if not fits:
         raise UserError(f"{flag} {path} ({kind}): its encoder fits none of timm's pvt_v2 encoders (MiT-B5 is "
@@ -515,7 +518,8 @@ def read_daformer_weights(path, flag, script) -> dict:
             "implied": {**fits, **decoder_of(head), "normalization": "imagenet"},
             "iter": int(meta.get("iter", 0)) if isinstance(meta, dict) else 0,
             "num_classes": int(head["classifier.weight"].shape[0]) if "classifier.weight" in head else None,
-            "trained": bool(head), "fd_state": fd_state, "set_aside": set_aside}
+            "trained": bool(head), "fd_state": fd_state, "set_aside": set_aside,
+            "foreign_head": f"decode_head.{foreign[0]}" if foreign else None}
 
 
 def prepare_daformer_weights(args, ckpt_path, script, num_classes) -> Optional[dict]:
@@ -528,6 +532,9 @@ def prepare_daformer_weights(args, ckpt_path, script, num_classes) -> Optional[d
         if len(args.weights) != 1:
             raise UserError("--eval-only needs exactly one --weights PATH")
         found = read_daformer_weights(args.weights[0], "--weights", script)
+        if found["foreign_head"]:  # SegFormerHead, HRDA's head, ...: its encoder alone is no segmentation model
+            raise UserError(f"--weights {args.weights[0]} ({found['kind']}) has a decode head other than DAFormer's "
+                            f"(keys such as {found['foreign_head']}); start training from its encoder with --init")
         if found["num_classes"] is None:
             raise UserError(f"--weights {args.weights[0]} is an encoder without a decoder ({found['kind']}); "
                             f"start training from it with --init")
@@ -1010,7 +1017,7 @@ def main():
 
     # TRY NOT TO MODIFY: run folder, dry run, resume
     norm = args.normalization if args.normalization != "auto" else norm
-    loaded = {"file": args.weights[0] if args.eval_only else args.init, "kind": found["kind"],
+    loaded = {"file": args.weights[0] if args.eval_only else ckpt_path or args.init, "kind": found["kind"],
               "implied": found["applied"]} if found is not None else None
     log = RunLog(out_dir, rt.is_main)
     log.write_config(SCRIPT, args, param_counts(**networks), normalization=norm, num_classes=num_classes,

@@ -232,6 +232,11 @@ def test_files_that_fit_no_layout_are_refused_in_one_line(tmp_path):
     torch.save(released_daformer.segformer_mit_file(random_net().encoder.state_dict()), tmp_path / "mit.pth")
     with pytest.raises(UserError, match="an encoder without a decoder .*--init"):
         prepare("--eval-only", "--weights", tmp_path / "mit.pth")
+    segformer_head = {"state_dict": {**released_daformer.segmentor_names(random_net().state_dict()),
+                                     "decode_head.linear_c.0.proj.weight": torch.zeros(768, 32)}}
+    torch.save(segformer_head, tmp_path / "segformer_head.pth")  # mmseg's SegFormerHead (or HRDA's) names
+    with pytest.raises(UserError, match="decode head other than DAFormer's .*decode_head.linear_c.0.proj.weight"):
+        prepare("--eval-only", "--weights", tmp_path / "segformer_head.pth")
     save_release(tmp_path / "latest.pth")
     with pytest.raises(UserError, match="has 19 classes, this run has 8"):
         prepare("--eval-only", "--weights", tmp_path / "latest.pth", num_classes=8)
@@ -786,6 +791,7 @@ def test_resume_continues_exactly(tmp_path, rcs_stats, straight_run):
     assert "at iteration 2" in result.stdout
     new_rows = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()[rows_before:]]
     assert [r["iter"] for r in new_rows if "seg_src" in r] == [4]
+    assert json.loads((split / "config.json").read_text())["loaded"]["file"] == str(split / "checkpoints" / "last.pt")
     a = torch.load(straight_run / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(split / "checkpoints" / "last.pt", weights_only=True)
     for net in ("model", "teacher", "imnet_encoder"):
