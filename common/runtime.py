@@ -42,8 +42,9 @@ class Runtime:
         if device == "cuda":
             torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            # TF32 matmuls and convolutions belong to the mixed-precision deviation: --no-amp is plain fp32
+            torch.backends.cuda.matmul.allow_tf32 = bool(amp)
+            torch.backends.cudnn.allow_tf32 = bool(amp)
         else:
             self.device = torch.device("cpu")
         if self.distributed:
