@@ -78,8 +78,9 @@ import torchvision
 from PIL import Image
 from tqdm import tqdm
 
-from common.checkpoint import load_checkpoint, load_weights, resume_path, rng_state, save_checkpoint, set_rng_state
-from common.cli import UserError, guard, parse_args
+from common.checkpoint import (load_checkpoint, load_matching, load_weights, read_weights_file, resume_path, rng_state,
+                               save_checkpoint, set_rng_state)
+from common.cli import UserError, guard, imply, parse_args
 from common.data import (NORMALIZATION, ResizedFrames, SegDataset, TrainTransform, class_setup, domain_split,
                          eval_loader, normalize, read_image, read_label, resize_label, train_loader)
 from common.metrics import evaluate_target
@@ -102,7 +103,10 @@ class Args:
     backbone: str = "resnet101"
     """DeepLab-v2 backbone: resnet18, resnet34, resnet50 or resnet101 (paper: resnet101)"""
     init: str = "imagenet"
-    """imagenet (torchvision weights), none (random) or a local file (DeepLab init .pth or our checkpoint)"""
+    """init of every segmentation stage that starts afresh (each S^k_0, and each S^k_i with --seg-init init; the
+    official --init-weights): imagenet (torchvision weights), none (random) or a local file, recognised by its
+    content (the DeepLab-v2 init files such as BDL's "DeepLab-V2", the BDL releases, torchvision ResNets, our
+    checkpoints)"""
     iters: int = 80000
     """training iterations of each round's first segmentation stage (paper: 80k)"""
     batch_size: int = 1
@@ -130,7 +134,11 @@ class Args:
     eval_only: bool = False
     """evaluate --weights on the target val split, write results.json, exit"""
     weights: list[str] = field(default_factory=list)
-    """checkpoint(s) to evaluate with --eval-only"""
+    """the segmenter that --eval-only evaluates, or that --stage pseudo labels the target with instead of the
+    previous stage's: one of our checkpoints or an authors' release (README, released models)"""
+    save_predictions: Optional[str] = None
+    """write every target-val prediction of the final evaluation as a PNG into this folder (Cityscapes: label
+    ids at 2048x1024, named as the official evaluation and benchmark scripts expect)"""
     dry_run: bool = False
     """build networks and optimisers, write config.json with parameter counts, exit without reading data"""
     log_every: int = 50
@@ -150,9 +158,14 @@ class Args:
     synthia_classes: int = 19
     """classes of the head when the source is SYNTHIA: 19 (evaluated on 16/13) or 16"""
     normalization: Literal["auto", "imagenet", "caffe"] = "auto"
-    """input normalisation; auto: caffe (BGR, mean only) for Caffe DeepLab init files, else imagenet"""
+    """input normalisation; auto: what the weights imply (caffe, BGR mean only, for the DeepLab-v2 Caffe files and
+    the releases; imagenet for torchvision weights)"""
     aspp_branches: int = 4
-    """ASPP branches summed: 4 (ADVENT, BDL) or 2 (AdaptSegNet's released code)"""
+    """ASPP branches summed: 4 (ADVENT, BDL since 37af0e7) or 2 (AdaptSegNet's released code and BDL's before
+    37af0e7, which made its releases)"""
+    stride_on: Literal["auto", "1x1", "3x3"] = "auto"
+    """conv holding layer2.0's stride: 1x1 (Caffe DeepLab-v2 layout), 3x3 (torchvision); auto: where the loaded
+    weights expect it (3x3 for torchvision weights, else 1x1)"""
     bn_mode: Literal["train", "eval"] = "train"
     """frozen-affine BN with batch statistics (train, official) or running statistics (eval)"""
     momentum: float = 0.9
@@ -267,12 +280,13 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None, stride_on="1x1"):
         super().__init__()
-        # Caffe-style: the stride sits on the first 1x1 conv (torchvision: on the 3x3; same shapes)
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride, bias=False)
+        # Caffe-style: the stride sits on the first 1x1 conv; torchvision's on the 3x3 (same shapes)
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride if stride_on == "1x1" else 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=dilation, dilation=dilation, bias=False)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride if stride_on == "3x3" else 1, padding=dilation,
+                               dilation=dilation, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
@@ -296,9 +310,8 @@ class ASPP(nn.Module):
         super().__init__()
         self.convs = nn.ModuleList(nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d)
                                    for d in (6, 12, 18, 24)[:branches])
-        for conv in self.convs:
+        for conv in self.convs:  # weights N(0, 0.01); biases keep PyTorch's default init, as the official code
             nn.init.normal_(conv.weight, 0, 0.01)
-            nn.init.zeros_(conv.bias)
 
     def forward(self, x):
         return sum(conv(x) for conv in self.convs)
@@ -307,12 +320,13 @@ class ASPP(nn.Module):
 class DeepLabV2(nn.Module):
     """ResNet with output stride 8; returns (aux logits on layer3 or None, main logits on layer4)."""
 
-    def __init__(self, backbone="resnet101", num_classes=19, multi_level=False, aspp_branches=4, bn_mode="train"):
+    def __init__(self, backbone="resnet101", num_classes=19, multi_level=False, aspp_branches=4, bn_mode="train",
+                 stride_on="1x1"):
         super().__init__()
         if backbone not in RESNETS:
             raise UserError(f"unknown backbone '{backbone}': use one of {', '.join(RESNETS)}")
         block, layers = RESNETS[backbone]
-        self.bn_mode, self.inplanes = bn_mode, 64
+        self.bn_mode, self.inplanes, self.stride_on = bn_mode, 64, stride_on
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.maxpool = nn.MaxPool2d(3, 2, 1, ceil_mode=True)
@@ -333,7 +347,8 @@ class DeepLabV2(nn.Module):
         if stride != 1 or self.inplanes != planes * block.expansion or dilation > 1:
             downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
                                        nn.BatchNorm2d(planes * block.expansion))
-        layers = [block(self.inplanes, planes, stride, dilation, downsample)]
+        extra = {"stride_on": self.stride_on} if block is Bottleneck else {}  # BasicBlock: only 3x3 convs
+        layers = [block(self.inplanes, planes, stride, dilation, downsample, **extra)]
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes, 1, dilation) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
@@ -359,33 +374,89 @@ class DeepLabV2(nn.Module):
                 {"params": heads, "lr": lr * head_lr_mult, "lr_mult": head_lr_mult}]
 
 
-def load_init(model, init, backbone) -> str:
-    """Load --init into the model; return the input normalisation the weights expect."""
+def read_weights(path, flag="--init", script=None) -> dict:
+    """Recognise a DeepLab-v2 weights file by its content (never its name) and map it to DeepLabV2's names.
+
+    Returns {"kind": what it is, "state": tensors under our names, "implied": the flags it implies, "iter"}.
+    Layouts (../shared/reference/released-models.md):
+    - a checkpoint of this repository (a "script" key; `script` given: must be that script's): its model and
+      the network flags it was trained with;
+    - a torchvision ResNet state dict (fc.*): ImageNet input, stride on the 3x3;
+    - a DeepLab-v2 Caffe init file, every key under one prefix (AdaptSegNet's `Scale.` ImageNet+COCO file,
+      ADVENT's ImageNet file): the backbone (the official loaders drop the prefix and layer5), Caffe input;
+    - an authors' release, raw ResNet keys plus `layer5`/`layer6` ASPP heads (a head on 1024 channels sits on
+      layer3: the aux head): AdaptSegNet (aux + layer6, saved by torch < 0.4.1, i.e. without BN
+      num_batches_tracked: its code sums 2 ASPP branches), ADVENT (the same keys from torch >= 0.4.1: 4
+      branches), BDL (one layer5 head on layer4, torch 0.4.0: 2 branches); Caffe input, stride on the 1x1.
+    A flag typed on the command line beats what the file implies (common.cli.imply warns).
+    """
+    state = read_weights_file(path, flag)
+    if isinstance(state, dict) and "script" in state:  # ours
+        if script is not None and state["script"] != script:
+            raise UserError(f"{path} was written by {state['script']}, not {script}")
+        saved = state.get("args", {})
+        implied = {k: saved[k] for k in ("backbone", "multi_level", "aspp_branches", "stride_on") if k in saved}
+        implied.setdefault("stride_on", "1x1")  # checkpoints from before --stride-on used the Caffe layout
+        implied["normalization"] = state.get("normalization", "imagenet")
+        return {"kind": f"{state['script']} checkpoint", "state": state["model"], "implied": implied,
+                "iter": state.get("iter", 0), "num_classes": state.get("num_classes")}
+    for key in ("state_dict", "model", "model_state_dict"):  # common wrappers of a plain state dict
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"{flag} {path} is not a DeepLab-v2 weights file: accepted are our checkpoints, torchvision "
+                        f"ResNet state dicts, the DeepLab-v2 Caffe init files and the AdaptSegNet/ADVENT/BDL releases")
+    prefixes = {k.split(".", 1)[0] for k in state}
+    if len(prefixes) == 1 and f"{next(iter(prefixes))}.conv1.weight" in state:  # Caffe init: `Scale.conv1.weight`
+        state = {k.split(".", 1)[1]: v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if not k.startswith(("layer5.", "layer6."))}
+        return {"kind": "DeepLab-v2 Caffe init file (backbone)", "state": state, "iter": 0,
+                "implied": {"normalization": "caffe", "stride_on": "1x1", **resnet_of(state)}}
+    if "fc.weight" in state:
+        return {"kind": "torchvision ResNet", "iter": 0, "state": {k: v for k, v in state.items()
+                                                                    if not k.startswith("fc.")},
+                "implied": {"normalization": "imagenet", "stride_on": "3x3", **resnet_of(state)}}
+    heads = {name: state[f"{name}.conv2d_list.0.weight"] for name in ("layer5", "layer6")
+             if f"{name}.conv2d_list.0.weight" in state}
+    if not heads:
+        raise UserError(f"{flag} {path}: unrecognised layout (keys such as {', '.join(list(state)[:3])}); accepted "
+                        f"are our checkpoints, torchvision ResNets, the DeepLab-v2 Caffe init files and the "
+                        f"AdaptSegNet/ADVENT/BDL releases")
+    old_torch = not any(k.endswith("num_batches_tracked") for k in state)
+    aux = [name for name, w in heads.items() if w.shape[1] < max(h.shape[1] for h in heads.values())]
+    mapped = {}
+    for key, value in state.items():
+        name = key.split(".", 1)[0]
+        if name in heads:  # layer5/layer6.conv2d_list.i.* -> (aux_)head.convs.i.*
+            key = ("aux_head" if name in aux else "head") + ".convs." + key.split("conv2d_list.", 1)[1]
+        mapped[key] = value
+    multi = bool(aux)
+    kind = {(True, True): "AdaptSegNet release", (True, False): "ADVENT release"}.get(
+        (multi, old_torch), "BDL release" if old_torch else "DeepLab-v2 model")
+    implied = {"normalization": "caffe", "stride_on": "1x1", "multi_level": multi,
+               "aspp_branches": 2 if old_torch else 4, **resnet_of(state)}
+    return {"kind": kind, "state": mapped, "implied": implied, "iter": 0}
+
+
+def resnet_of(state) -> dict:
+    """{"backbone": name} when the blocks per layer and the block type of a ResNet state dict match one of
+    RESNETS (a file says which depth it is), else {}."""
+    blocks = [len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in (1, 2, 3, 4)]
+    bottleneck = any(k.endswith("conv3.weight") for k in state)
+    names = [n for n, (block, layers) in RESNETS.items() if layers == blocks and (block is Bottleneck) == bottleneck]
+    return {"backbone": names[0]} if names else {}
+
+
+def load_init(model, init, backbone, found=None) -> str:
+    """Load --init into the model (found: read_weights' result for a file); return the input normalisation the
+    weights expect. The backbone must load completely; heads the file lacks stay at random init (listed)."""
     if init == "none":
         return "imagenet"
     if init == "imagenet":
         state = torchvision.models.get_model(backbone, weights="IMAGENET1K_V1").state_dict()
-        caffe = False
-    else:
-        if not os.path.isfile(init):
-            raise UserError(f"--init {init}: no such file (use imagenet, none or a path)")
-        try:
-            state = torch.load(init, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"cannot load --init {init}: {str(e).splitlines()[0][:200]}") from None
-        state = state.get("model", state.get("state_dict", state))
-        caffe = any(k.startswith("Scale.") for k in state)  # the DeepLab-v2 Caffe init files
-        state = {k.removeprefix("Scale.").removeprefix("module."): v for k, v in state.items()}
-        state = {k: v for k, v in state.items() if not k.startswith(("layer5.", "layer6.", "fc."))}
-    own = model.state_dict()
-    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    backbone_keys = [k for k in own if "head" not in k]
-    missing = [k for k in backbone_keys if k not in matched]
-    if missing:
-        raise UserError(f"--init {init} does not fit a {backbone} DeepLab-v2: {len(missing)} of "
-                        f"{len(backbone_keys)} backbone tensors missing or misshapen (e.g. {missing[0]})")
-    model.load_state_dict(matched, strict=False)
-    return "caffe" if caffe else "imagenet"
+        found = {"kind": "torchvision ImageNet weights", "state": state, "implied": {"normalization": "imagenet"}}
+    load_matching(model, found["state"], f"--init {init} ({found['kind']})", required=lambda k: "head" not in k)
+    return found["implied"]["normalization"]
 
 
 def seg_loss(logits, labels, align_corners=True):
@@ -754,6 +825,64 @@ def stage_plan(args):
     return plan
 
 
+def stage_inputs(st, args) -> list:
+    """The stages whose outputs `st` reads: T^k the previous round's last segmenter (perceptual loss), the
+    translation T^k, S^k_0 the translated source, S^k_i also the pseudo labels of round i, a pseudo-label stage
+    the segmenter before it (none with --weights); with --seg-init previous a segmentation stage also the one before."""
+    k, i, last = st.round, st.ssl_round, args.ssl_rounds
+    if st.kind == "cyclegan":
+        return [f"seg_r{k - 1}_s{last}"] if k > 1 else []
+    if st.kind == "translate":
+        return [f"cyclegan_r{k}"]
+    if st.kind == "pseudo":
+        return [] if args.weights else [f"seg_r{k}_s{i - 1}"]
+    before = f"seg_r{k}_s{i - 1}" if i else f"seg_r{k - 1}_s{last}" if k > 1 else None
+    chained = [before] if args.seg_init == "previous" and before else []
+    return [f"translate_r{k}"] + ([f"pseudo_r{k}_s{i}"] if i else []) + chained
+
+
+def read_segmenter(path, flag) -> dict:
+    """read_weights for a file a segmenter is taken from as it is (--weights): a bdl checkpoint holds one only when
+    a segmentation stage wrote it. The file is read twice (read_weights takes a path), the first time for this
+    one-line error."""
+    state = read_weights_file(path, flag)
+    if isinstance(state, dict) and state.get("script") == SCRIPT and "model" not in state:
+        raise UserError(f"{flag} {path} holds no segmenter (bdl checkpoint of stage {state.get('stage')}): pass a "
+                        f"segmentation stage's checkpoints/seg_r<k>_s<i>.pt or a released model")
+    return read_weights(path, flag, SCRIPT)
+
+
+def prepare_files(args, num_classes) -> Optional[dict]:
+    """prepare_weights for the stage pipeline: read the file this command takes a segmenter from (--weights for
+    --eval-only or --stage pseudo, else a --init file, which every segmentation stage that starts afresh loads),
+    apply the flags it implies (typed flags win), resolve --stride-on auto, print one line on what was
+    recognised. --resume reads nothing here: the stage in progress continues from last.pt with the command's
+    flags, and the later segmentation stages still start from --init."""
+    found = None
+    if args.weights and not (args.eval_only or args.stage == "pseudo"):
+        raise UserError("--weights is read by --eval-only and --stage pseudo; to start the segmentation stages from "
+                        "a file use --init PATH")
+    if args.eval_only and len(args.weights) != 1:
+        raise UserError("--eval-only needs exactly one --weights PATH")
+    if args.weights:
+        if len(args.weights) != 1:
+            raise UserError("--stage pseudo takes one --weights PATH (the segmenter that labels the target)")
+        found = read_segmenter(args.weights[0], "--weights")
+    elif args.init not in ("imagenet", "none"):
+        found = read_weights(args.init)
+    if found is not None and found.get("num_classes") not in (None, num_classes):
+        raise UserError(f"{args.weights[0] if args.weights else args.init} has {found['num_classes']} classes, this "
+                        f"run has {num_classes}")
+    if found is not None:
+        found["applied"] = imply(args, found["implied"], found["kind"])
+        quirks = {"aspp_branches": "{} ASPP branches", "stride_on": "stride on {}", "normalization": "{} input"}
+        said = ", ".join(quirks[k].format(v) for k, v in found["applied"].items() if k in quirks)
+        print(f"recognised {found['kind']}" + (f": {said}" if said else ""), flush=True)
+    if args.stride_on == "auto":
+        args.stride_on = "3x3" if args.init == "imagenet" else "1x1"
+    return found
+
+
 # ----------------------------------------------------------------------------------------------------
 # ALGO LOGIC: one iteration of each training stage (main()'s stages call them; tests/test_bdl.py checks each against
 # an independently written reference step)
@@ -870,13 +999,18 @@ def main():
             raise UserError(f"--stage {args.stage} --round {args.round} --ssl-round {args.ssl_round} is not in the "
                             f"plan of {args.outer_rounds} rounds x {args.ssl_rounds} pseudo-label rounds")
 
-    # ALGO LOGIC: networks (each stage builds its own; these give --dry-run's parameter counts)
+    # ALGO LOGIC: networks (each stage builds its own; these give --dry-run's parameter counts, the --init check
+    # before the first stage, and the --weights segmenter)
+    found = prepare_files(args, num_classes)  # the --weights or --init file and what it implies
+    channels_last = torch.channels_last if rt.channels_last else torch.preserve_format
+
     def new_segmenter():
-        return DeepLabV2(args.backbone, num_classes, False, args.aspp_branches, args.bn_mode)
+        return DeepLabV2(args.backbone, num_classes, False, args.aspp_branches, args.bn_mode, args.stride_on)
 
     model = new_segmenter()
-    norm = load_init(model, args.init, args.backbone) if not (ckpt_path or args.eval_only or args.dry_run) else None
-    model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
+    norm = load_init(model, args.init, args.backbone, found) if not (ckpt_path or args.weights or args.dry_run) \
+        else None
+    model.to(rt.device, memory_format=channels_last)
     translators = Translators(args.ngf, args.gen_blocks)
     networks = {"model": model, "disc_main": FCDiscriminator(num_classes), "to_target": translators.to_target,
                 "to_source": translators.to_source, "disc_target": PatchDiscriminator(args.ndf),
@@ -884,27 +1018,22 @@ def main():
 
     # TRY NOT TO MODIFY: run folder, dry run, resume
     norm = args.normalization if args.normalization != "auto" else norm
+    loaded = {"file": args.weights[0] if args.weights else args.init, "kind": found["kind"],
+              "implied": found["applied"]} if found is not None else None
     log = RunLog(out_dir, rt.is_main)
-    log.write_config(SCRIPT, args, param_counts(**networks), normalization=norm, num_classes=num_classes)
+    log.write_config(SCRIPT, args, param_counts(**networks), normalization=norm, num_classes=num_classes,
+                     loaded=loaded)
     if args.dry_run:
         print(f"dry run: config written to {log.path('config.json')}")
         return
     start_iter, resume_ckpt = 0, None
-    if args.weights and not args.eval_only:
-        raise UserError("--weights is read by --eval-only; to start training from a file use --init PATH")
-    if ckpt_path or args.eval_only:
-        if args.eval_only and len(args.weights) != 1:
-            raise UserError("--eval-only needs exactly one --weights PATH")
-        ckpt = load_checkpoint(args.weights[0] if args.eval_only else ckpt_path, SCRIPT, num_classes)
-        norm, start_iter = ckpt["normalization"], ckpt["iter"]
-        if args.eval_only:
-            if "model" not in ckpt:
-                raise UserError(f"{args.weights[0]} holds no segmenter (written by stage {ckpt.get('stage')})")
-            load_weights(model, ckpt["model"])
-        else:
-            resume_ckpt = ckpt
-            print(f"resuming stage {ckpt['stage']} of {ckpt_path} at iteration {start_iter}")
-    channels_last = torch.channels_last if rt.channels_last else torch.preserve_format
+    if args.weights:  # every tensor of the network from the file; nothing left over but unsummed ASPP convs
+        load_matching(model, found["state"], f"--weights {args.weights[0]} ({found['kind']})", required=lambda k: True,
+                      unused_ok=lambda k: ".convs.2." in k or ".convs.3." in k)
+        start_iter = found["iter"]
+    elif ckpt_path:  # the stage in progress continues from it when the stage loop reaches it (restore())
+        resume_ckpt = load_checkpoint(ckpt_path, SCRIPT, num_classes)
+        norm = resume_ckpt["normalization"]
 
     def to_input(images):
         x = normalize(images.to(rt.device, non_blocking=True), norm)
@@ -926,13 +1055,13 @@ def main():
                                       num_predictions=args.num_predictions if final else 0, limit=args.eval_limit,
                                       eval_size=eval_size, pred_map=pred_map,
                                       synthia_protocols=args.source == "synthia" and len(eval_classes) == 19,
-                                      num_workers=args.num_workers)
+                                      save_dir=args.save_predictions if final else None, num_workers=args.num_workers)
         net.train()
         return summary
 
     if args.eval_only:
         summary = evaluate_model(model, final=True)
-        log.write_results(summary, start_iter, weights=args.weights)
+        log.write_results(summary, start_iter, weights=args.weights, loaded=loaded)
         print(f"target val mIoU {summary['miou']:.2f} ({log.path('results.json')})")
         return
 
@@ -965,7 +1094,11 @@ def main():
         if resume_ckpt is None or resume_ckpt["stage"] != st.name:
             return 0
         for k, v in parts.items():
-            load_weights(v, resume_ckpt[k]) if isinstance(v, nn.Module) else v.load_state_dict(resume_ckpt[k])
+            if isinstance(v, nn.Module):
+                load_matching(v, resume_ckpt[k], f"--resume {ckpt_path} ({k})", required=lambda name: True,
+                              unused_ok=lambda name: False, quiet=True)
+            else:
+                v.load_state_dict(resume_ckpt[k])
         set_rng_state(resume_ckpt["rng"])
         return resume_ckpt["iter"]
 
@@ -1048,8 +1181,8 @@ def main():
             save_json(output[st.name], {"images": len(source_train)})
 
     # ALGO LOGIC: pseudo labels of the target train split from the previous segmentation stage
-    def run_pseudo(st):
-        net = segmenter_from(f"seg_r{st.round}_s{st.ssl_round - 1}").eval()
+    def run_pseudo(st):  # from --weights' segmenter with --stage pseudo --weights FILE
+        net = (model if args.weights else segmenter_from(f"seg_r{st.round}_s{st.ssl_round - 1}")).eval()
         folder = folder_of(st.name)
 
         def predict(images):
@@ -1070,7 +1203,7 @@ def main():
             net = segmenter_from(earlier[-1].name)
         else:
             net = new_segmenter()
-            load_init(net, args.init, args.backbone)
+            load_init(net, args.init, args.backbone, found)
             net.to(rt.device, memory_format=channels_last)
         optimizer = torch.optim.SGD(net.param_groups(args.lr, args.head_lr_mult), lr=args.lr, momentum=args.momentum,
                                     weight_decay=args.weight_decay)
@@ -1131,7 +1264,7 @@ def main():
             if rt.is_main:
                 tqdm.write(f"stage {st.name}: done ({output[st.name]})")
             continue
-        missing = next((p.name for p in plan[:st.index] if not os.path.exists(output[p.name])), None)
+        missing = next((name for name in stage_inputs(st, args) if not os.path.exists(output[name])), None)
         if missing:
             raise UserError(f"stage {st.name} needs stage {missing} first (run --stage all, or that stage)")
         if rt.is_main:
@@ -1139,7 +1272,8 @@ def main():
                 if os.path.exists(output[later.name]):
                     os.remove(output[later.name])
             resumed = resume_ckpt is not None and resume_ckpt["stage"] == st.name
-            tqdm.write(f"stage {st.name}" + (f" (resumed at {resume_ckpt['iter']})" if resumed else ""))
+            tqdm.write(f"stage {st.name}" + (f": resumed from {ckpt_path} at iteration {resume_ckpt['iter']}"
+                                             if resumed else ""))
         rt.barrier()
         {"cyclegan": run_cyclegan, "translate": run_translate, "seg": run_seg, "pseudo": run_pseudo}[st.kind](st)
         resume_ckpt = None  # last.pt can only continue the first stage that runs
