@@ -28,18 +28,39 @@ that label); results.json is the final checkpoint. checkpoints/last.pt (for --re
 only difference is that we set MAX_ITERS = 90000"). Multi-level stays on: that GTA5 setting
 (config.py:57). DADA's config.py:59 turns it off for the DADA paper and its configs_s2c/advent.yml does not
 turn it back on, so DADA's repository trains a single-level AdvEnt baseline (`--no-multi-level`).
-Ensembles are test-time: `--eval-only --weights A.pt --weights B.pt` averages the two models' upsampled main
+Ensembles are test-time: `--eval-only --weights A --weights B` averages the two networks' upsampled main
 logits 0.5/0.5 (scripts/configs/advent+minent_pretrained.yml, eval_UDA.py:54-60). The paper's 45.5 pairs
 AdvEnt with MinEnt+ER: that config loads gta2cityscapes_minent_ER.pth, and the maintainer (ADVENT #7): "the
 MinEnt model used in this ensemble was (MinEnt + ER) in Table 1". SYNTHIA's ensemble pairs AdvEnt with
-MinEnt (Table 1(b) has no ER row).
+MinEnt (Table 1(b) has no ER row). Each of A and B may be one of our checkpoints or a release; each network
+is built with the flags and fed the input normalisation its own file implies (prepare_ensemble); a flag typed
+on the command line applies to both and warns where it contradicts either file.
+Released files (valeoai/ADVENT releases page, README:88-89), evaluated as published with `--eval-only --weights
+FILE`: gta2cityscapes_advent.pth (AdvEnt, paper 43.8), gta2cityscapes_minent_ER.pth (MinEnt+ER, paper 43.1),
+gta2cityscapes_advent_cyclegan.pth (AdvEnt on CycleGAN-translated GTA5, README 46.3), and the first two as the
+ensemble (paper 45.5). They are recognised by content (read_weights: raw ResNetMulti state dicts, `layer5` aux
+head on layer3 and `layer6` main head, BN num_batches_tracked present = saved by torch >= 0.4.1, hence ADVENT's
+4 summed ASPP branches), with Caffe BGR input and the stride on layer2.0's 1x1 applied automatically and every
+tensor loaded (the official eval loads them strictly, eval_UDA.py:133-137). The evaluation is eval_UDA.py's:
+1024x512 bicubic input, main output upsampled bilinearly (align_corners=True) to the 2048x1024 labels, argmax;
+`--save-predictions DIR` writes label-id PNGs for cityscapesScripts. Checked outside the repository: the
+official ResNetMulti with random weights, saved as train_UDA.py saves it, loaded here gives the official
+outputs (largest relative difference 1.3e-6), the ensemble its upsampled logits (1.1e-6), and the official
+init loader (scripts/train.py:95-104) the same backbone as `--init` (identical tensors).
 Reported (paper, best snapshot on val): GTA5->Cityscapes MinEnt 42.3, MinEnt+ER 43.1, AdvEnt 43.8,
 AdvEnt + (MinEnt+ER) 45.5; SYNTHIA->Cityscapes (16-way head, true 16-class protocol: Cityscapes terrain,
 truck and train ignored, DADA cityscapes_list/info16class.json = results.json `miou16_true` / `miou13_true`)
 MinEnt 38.1 / 44.2, AdvEnt 40.8 / 47.6, AdvEnt + MinEnt 41.2 / 48.0.
 
 Deviations from the official code:
-- Init: torchvision ImageNet (`--init PATH` loads the official DeepLab_resnet_pretrained_imagenet.pth).
+- Init: torchvision ImageNet (`--init imagenet`, IMAGENET1K_V1) instead of DeepLab_resnet_pretrained_imagenet.pth.
+  That file loads with `--init PATH`, recognised by its content: every key under one first component, which the
+  official loader drops whatever it is, plus a `layer5` classifier it drops too (scripts/train.py:95-104; the
+  heads start at random init, as there); Caffe input and the stride on the 1x1 follow. A release or one of
+  our checkpoints given to `--init` starts training from all of its tensors, heads included.
+- Stride placement: torchvision's weights learnt layer2.0's stride on its 3x3 conv, the official Caffe layout
+  puts it on the 1x1; `--stride-on auto` puts it where the loaded weights expect it (3x3 for torchvision
+  weights, 1x1 for the Caffe init file, the releases and random init).
 - We report the final checkpoint (results.json); the paper reports the best 2k snapshot on Cityscapes val.
 - ER: none of our sources says how the kept pixels are averaged; we take their mean (the term stays a
   normalised entropy in [0, 1]; a sum over kept pixels divided by all pixels would weigh it 0.3x), rank the
@@ -50,13 +71,23 @@ Deviations from the official code:
   upsampling and argmax are computed in fp32; the discriminators' convolutions run under autocast.
 - Resizing: images bicubic (PIL), as the official loader (advent/dataset/base_dataset.py:41, also the
   1024x512 evaluation input); labels nearest (base_dataset.py:44).
-- ASPP biases start at 0 (source_only.py's DeepLabV2); the official ClassifierModule sets only the weights to
-  N(0, 0.01) and keeps PyTorch's default bias init (advent/model/deeplabv2.py:53-59).
 - The discriminator loss sums the source and target halves before one backward (official: a backward
   after each half; same gradients). The segmenter's adversarial term goes through the unwrapped
   discriminators with requires_grad off (official: requires_grad toggling), so DDP never sees it.
-- The ensemble averages the two models' main logits at the evaluation input's output resolution, before
-  evaluate's bilinear upsampling: upsampling is linear, so this equals averaging the upsampled logits.
+- The ensemble averages the two networks' main logits at the output resolution, before evaluate's bilinear
+  upsampling: upsampling is linear, so this equals averaging the upsampled logits (up to float rounding).
+- Evaluation of the releases: as eval_UDA.py, except mixed precision on CUDA (bf16 autocast; `--no-amp` gives
+  the official fp32; bf16 rounding can change the argmax of near-tied pixels, so the mIoU may move slightly:
+  not measured here, no GPU) and the ensemble's averaging order (above).
+- Snapshots: the official model_N.pth holds N+1 updates (train_UDA.py counts i_iter from 0 and saves when
+  i_iter % 2000 == 0); our iteration N has made N updates.
+- MinEnt single-level: the official train_minent always uses the aux output (it fails with MULTI_LEVEL False);
+  `--mode minent --no-multi-level` (main output only) is ours.
+- Multi-GPU (torchrun): `--batch-size` is the global batch, split over the processes; each discriminator is
+  DDP-wrapped for its own loss. ER ranks each image's pixels on its own, so 2 processes x 1 image take the step
+  of 1 process x 2 images (tested).
+- Resume: the network flags come from the checkpoint; a checkpoint of the other `--mode` is refused (a MinEnt
+  checkpoint holds no discriminators).
 - Data loaders are seeded; `--crop-size` crops source and target.
 - A method flag typed on the command line that cannot act in the chosen mode (say `--lambda-adv-main` with
   `--mode minent`, or `--lambda-seg-aux` with `--no-multi-level`) is refused with one error line.
@@ -580,6 +611,8 @@ def prepare_ensemble(args, ckpt_path, num_classes):
     the arguments, so that each network is built with the flags and the normalisation its own file implies. A
     typed flag applies to both (imply warns where it contradicts either file). Returns (found, partner): partner
     is None, or the second network's {"args", "found" (read_weights' result), "loaded" (for config/results.json)}."""
+    if args.normalization == "auto":  # typed or not, auto is what the file implies (else --eval-only has none)
+        args.given = args.given - {"normalization"}
     if not (args.eval_only and len(args.weights) == 2):
         return prepare_weights(args, ckpt_path, SCRIPT, num_classes), None
     paths, partner_args = list(args.weights), copy.copy(args)  # a shallow copy keeps args.given
