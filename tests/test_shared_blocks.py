@@ -73,12 +73,16 @@ EXCEPTIONS = {
                                             "input first (logits_at_input), align_corners False; the checkpoint "
                                             "also holds the EMA teacher and the FD encoder"),
     ("daformer", "training loop"): ("extends", "linear learning-rate warm-up on top of the poly schedule"),
-    ("bdl", "run folder, dry run, resume"): ("differs", "a multi-stage pipeline: a stage is done when its output "
-                                                        "file exists; resumes the stage in progress (CycleGAN or "
-                                                        "segmentation)"),
-    ("bdl", "evaluation"): ("differs", "evaluates the segmenter of the current stage with rank 0's BN statistics; "
-                                      "--eval-upsample softmax upsamples the softmax as the official evaluation.py"),
-    ("bdl", "logging, evaluation, checkpoints"): ("differs", "one checkpoint per stage, the stage name in it"),
+    ("bdl", "run folder, dry run, resume"): ("differs", "a multi-stage pipeline: --weights also names the segmenter "
+                                                        "that --stage pseudo labels with; --resume's last.pt is "
+                                                        "restored by the stage it belongs to (CycleGAN or "
+                                                        "segmentation) when the stage loop reaches it"),
+    ("bdl", "evaluation"): ("differs", "evaluates the segmenter it is given (each stage's own) with rank 0's BN "
+                                      "statistics; --eval-upsample softmax upsamples the softmax as the official "
+                                      "evaluation.py; each stage writes its own checkpoints"),
+    ("bdl", "logging, evaluation, checkpoints"): ("differs", "inside each segmentation stage's loop: iterations "
+                                                             "counted over the chained stages, one checkpoint per "
+                                                             "stage with the stage name in it"),
     ("bdl", "final evaluation"): ("differs", "reports the last stage's segmenter and the total segmentation "
                                              "iterations over all stages"),
     ("proda", "setup"): ("extends", "one memory-format name reused by the four stages' networks"),
