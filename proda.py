@@ -555,7 +555,9 @@ class SEBlock(nn.Module):
 class ProDAHead(nn.Module):
     """Five branches (1x1, 3x3 dilated 6/12/18/24) to 256 channels with GroupNorm(32) + ReLU, concatenated, SE,
     3x3 conv to 256 + GroupNorm, Dropout2d(0.1): the 256-d feature of the prototypes; a bias-free 1x1 conv
-    gives the logits. Every conv N(0, 0.01) (ProDA's ResNet constructor re-initialises all convs)."""
+    gives the logits. Init as ProDA's: every conv weight N(0, 0.01) (its ResNet constructor re-initialises all
+    convs), the bottleneck conv's bias 0; the branches' biases and the SE layers keep PyTorch's default init
+    (Classifier_Module2's init loops iterate over Sequentials and the SE block, never reaching them)."""
 
     def __init__(self, in_channels, num_classes, feat_dim=256, dropout=0.1):
         super().__init__()
@@ -571,8 +573,7 @@ class ProDAHead(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0, 0.01)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.bottleneck[1].bias)
 
     def forward(self, x):
         feat = self.dropout(self.bottleneck(torch.cat([b(x) for b in self.branches], 1)))
@@ -657,7 +658,8 @@ def read_proda_weights(path, flag, segmenter_only=True) -> dict:
     if isinstance(state, dict) and state.get("script") == SCRIPT:
         saved, model = state.get("args", {}), state["model"]
         implied = {k: saved[k] for k in ("backbone", "stride_on", "head_dropout") if k in saved}
-        implied["bn_clr"] = has_head_bn(model)
+        # the network in the file has bn_pretrain or not; a run resumed gets the stage-2 student flag it had
+        implied["bn_clr"] = saved.get("bn_clr", False) if flag == "--resume" else has_head_bn(model)
         return {"kind": f"proda {state.get('stage', '')} checkpoint".replace("  ", " "), "state": model,
                 "implied": implied, "iter": state.get("iter", 0), "num_classes": state.get("num_classes"),
                 "normalization": state.get("normalization", "imagenet"), "stage": state.get("stage")}
@@ -956,7 +958,8 @@ def prepare_files(args, ckpt_path, num_classes, stages) -> dict:
     for flag, (path, segmenter_only) in wanted.items():
         found = read_proda_weights(path, flag, segmenter_only)
         if found.get("num_classes") not in (None, num_classes):
-            hint = " (ProDA's SYNTHIA models are 16-way: --source synthia)" if found["num_classes"] == 16 else ""
+            synthia = 16 in (found["num_classes"], num_classes)
+            hint = " (ProDA's SYNTHIA models are 16-way: --source synthia)" if synthia else ""
             raise UserError(f"{flag} {path} has {found['num_classes']} classes, this run has {num_classes}{hint}")
         implied = {k: v for k, v in found["implied"].items() if k in IMPLIES[flag] and k not in found.get("keeps", ())}
         for k, v in implied.items():
