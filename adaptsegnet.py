@@ -34,7 +34,8 @@ recorded as `loaded` in config.json and results.json:
 - Single or multi level: a file with one head (a BDL-style release, a single-level checkpoint) implies
   single-level; `--single-level` typed over a multi-level file wins with a warning, and the file's aux head
   is left out with one printed line (the evaluated main output does not depend on it). `--lambda-seg-aux` /
-  `--lambda-adv-aux` typed for a single-level training run cannot act and are refused.
+  `--lambda-adv-aux` typed for a single-level training run cannot act and are refused, as are `--gan` /
+  `--lr-d` when every adversarial weight is 0.
 
 Deviations from the official code:
 - ASPP sums 4 branches and init is torchvision ImageNet (project defaults of source_only.py; the released

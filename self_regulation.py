@@ -23,6 +23,8 @@ BN: the backbone's affine is frozen (as the demo's set_bn_fix), the exits' BN we
 the demo); statistics follow `--bn-mode` everywhere (train: batch statistics; eval: running statistics).
 Two uses from one script: fully supervised (`--source cityscapes --target cityscapes`, the paper's setting)
 and source-supervised, a stronger source-only baseline for UDA (`--source gta --target cityscapes`).
+Method flags typed for a training run in which they cannot act are refused with one error line
+(check_method_flags: e.g. --sr-temperature with the official variant, --lambda-seg-aux without --multi-level).
 
 `--preset paper` is not a published recipe: the paper has no UDA experiments. It is source_only.py's GTA5
 recipe (AdaptSegNet's schedule: 150k iterations of one 1280x720 frame, SGD 2.5e-4, poly horizon 250k) plus
