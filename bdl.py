@@ -21,8 +21,19 @@ Recipe: K outer rounds (paper K=2), each one
 Evaluation (evaluation.py:103-105): 1024x512 input, softmax upsampled bilinearly to 2048x1024 (`--eval-upsample`).
 One command runs every stage in order. A stage is done when the file it writes last exists in the run folder
 (checkpoints/<stage>.pt, translated/r<k>/done.json, pseudo/r<k>_s<i>/thresholds.json) and is then skipped;
-running a stage deletes those of the later stages. `--stage NAME --round k --ssl-round i` runs one stage;
-`--resume` continues the stage in progress from checkpoints/last.pt (translation and pseudo labels restart).
+running a stage deletes those of the later stages. `--stage NAME --round k --ssl-round i` runs one stage, once the
+outputs it reads exist (stage_inputs); `--resume` continues the stage in progress from checkpoints/last.pt and says
+so (translation and pseudo labels restart).
+Released files (README; ../shared/reference/released-models.md), recognised by their content (read_weights):
+GTA5_deeplab (gta_2_city_deeplab.pth) and SYNTHIA_deeplab (19-way) evaluate with `--eval-only --weights FILE`, no
+other flag: raw state dicts with one `layer5` head, saved by torch 0.4.0 (no BN num_batches_tracked), i.e. by the
+code before 37af0e7, whose forward sums 2 of the 4 ASPP convs; Caffe input, stride on the 1x1; the evaluation
+upsamples the softmax (the default). SSL_step1 / SSL_step2 (M_0 / M_1 of round 2) and the "DeepLab-V2" init
+(prefixed keys; its layer5 is dropped, as model/deeplab.py:246-254 does for 19 classes) load with `--init FILE`,
+which every segmentation stage that starts afresh loads (each S^k_0, and each S^k_i with --seg-init init: the
+official --init-weights). A released model labels the target instead of the stage before with `--stage pseudo
+--round k --ssl-round i --weights FILE` (README: SSL.py --restore-from SSL_step1), and `--stage seg --round k
+--ssl-round i --init FILE` then trains on those labels (it needs this run's translation of round k).
 Reported (paper): GTA5->Cityscapes 48.5 mIoU (R101); SYNTHIA->Cityscapes 51.4 mIoU13 (R101); source only 33.6;
 M_0^(1) 42.7, M_2^(1) 47.2, M_0^(2) 44.3 (maintainer, #17, #18, #30). The VGG-16 rows (41.3, 39.0) need a
 network this script does not offer.
@@ -34,7 +45,10 @@ Deviations from the official code:
 - Translation at the segmenter's source size (`--source-size`, GTA5 1280x720; the official code does not fix
   it, maintainer #11, #47). Round 1 has no perceptual loss (no segmenter yet; "similar", #37). Every round's
   CycleGAN starts from random init (cyclegan/readme.md has no --continue_train; the paper does not say).
-- ASPP sums 4 branches and init is torchvision ImageNet (source_only.py defaults; BDL.py after 37af0e7).
+- ASPP sums 4 branches (BDL.py since 37af0e7; `--aspp-branches 2` is the code that made the releases, and the
+  releases imply it) and init is torchvision ImageNet (source_only.py defaults) instead of the DeepLab-V2 file
+  (`--init FILE`); with torchvision weights layer2's stride sits on the 3x3 conv, where those weights learnt it
+  (`--stride-on auto`; Caffe files, the releases and random init keep the official 1x1).
 - `--iters` is each round's first segmentation stage (80k), `--ssl-iters` each later one (120k); every
   segmentation stage restarts from `--init` and its own poly schedule (README `--init-weights`) unless
   `--seg-init previous`. BDL.py:108-113 tests its stop every 100 iterations, so runs 100 past the snapshot it
@@ -135,7 +149,8 @@ class Args:
     """evaluate --weights on the target val split, write results.json, exit"""
     weights: list[str] = field(default_factory=list)
     """the segmenter that --eval-only evaluates, or that --stage pseudo labels the target with instead of the
-    previous stage's: one of our checkpoints or an authors' release (README, released models)"""
+    previous stage's (the stage then runs even if its labels exist): one of our checkpoints or an authors' release
+    (README, released models)"""
     save_predictions: Optional[str] = None
     """write every target-val prediction of the final evaluation as a PNG into this folder (Cityscapes: label
     ids at 2048x1024, named as the official evaluation and benchmark scripts expect)"""
@@ -1260,7 +1275,7 @@ def main():
     # ALGO LOGIC: run the stages whose output is missing; a stage's run makes the later outputs stale
     final_stage = todo[-1]
     for st in todo:
-        if os.path.exists(output[st.name]):
+        if os.path.exists(output[st.name]) and not args.weights:  # --weights: labels from another segmenter
             if rt.is_main:
                 tqdm.write(f"stage {st.name}: done ({output[st.name]})")
             continue

@@ -703,7 +703,8 @@ def test_killed_in_every_kind_of_stage_and_resumed_is_exact(straight, tmp_path, 
     assert rows("gan_g") == [1, 2] and load(out, "last.pt")["iter"] == 2
     capsys.readouterr()
     main(*args, "--stage", "cyclegan")  # alone, resumed at 2
-    assert f"stage cyclegan_r1: resumed from {out / 'checkpoints' / 'last.pt'} at iteration 2" in capsys.readouterr().out
+    last = out / "checkpoints" / "last.pt"
+    assert f"stage cyclegan_r1: resumed from {last} at iteration 2" in capsys.readouterr().out
     assert rows("gan_g") == [1, 2, 3, 4, 5]  # the resumed process logged 3, 4, 5 only
     with monkeypatch.context() as m:  # translation, after one image
         crash_on_call(m, "translate", 2)
@@ -726,7 +727,7 @@ def test_killed_in_every_kind_of_stage_and_resumed_is_exact(straight, tmp_path, 
     main(*args)
     log = capsys.readouterr().out
     assert "stage seg_r1_s0: done" in log
-    assert f"stage seg_r1_s1: resumed from {out / 'checkpoints' / 'last.pt'} at iteration 1" in log
+    assert f"stage seg_r1_s1: resumed from {last} at iteration 1" in log
     assert rows("seg_pseudo") == [2, 3]  # the resumed process logged iteration 3 only (seg_r1_s0 has 1)
     for name, keys in (("cyclegan_r1.pt", ("to_target", "to_source")), ("seg_r1_s0.pt", ("model",)),
                        ("last.pt", ("model", "disc_main", "optimizer", "optimizer_d_main"))):
@@ -760,9 +761,9 @@ def assert_close(a, b, what, atol=1e-6):
 
 def test_torchrun_whole_loop_scores_its_checkpoint(tmp_path):
     """2 processes, train-mode BN, every kind of stage (translation and pseudo labels sharded over the ranks, the
-    pseudo-label histograms all-reduced): rank 0 alone logs, every rank sees every pseudo label, and the final
-    evaluation, sharded over the ranks with rank 0's BN statistics, equals --eval-only of the final checkpoint in
-    one process."""
+    pseudo-label histograms all-reduced): rank 0 alone logs, every rank sees every pseudo label, and the
+    evaluations, sharded over the ranks with rank 0's BN statistics, equal --eval-only of the checkpoints in one
+    process."""
     out = tmp_path / "ddp"
     run("--outer-rounds", 1, "--ssl-iters", 1, "--out", out, cmd=TORCHRUN)
     assert json.load(open(out / "config.json"))["args"]["world_size"] == 2
@@ -772,35 +773,18 @@ def test_torchrun_whole_loop_scores_its_checkpoint(tmp_path):
     assert len([f for f in os.listdir(out / "pseudo" / "r1_s1") if f.endswith(".png")]) == 4
     main("--eval-only", "--weights", out / "checkpoints" / "seg_r1_s1.pt", "--out", tmp_path / "single")
     assert json.load(open(tmp_path / "single" / "results.json"))["per_class_iou"] == results["per_class_iou"]
+    # the in-stage evaluation at the end of S_0 too (the ranks' networks in memory: their BN statistics differ)
+    main("--eval-only", "--weights", out / "checkpoints" / "seg_r1_s0.pt", "--out", tmp_path / "s0")
+    assert [r["val_miou"] for r in metrics(out) if "val_miou" in r and r["iter"] == 1] == [
+        json.load(open(tmp_path / "s0" / "results.json"))["miou"]]
 
 
 # Two rounds in one process with BN on running statistics (--bn-mode eval: in train mode each process normalises
 # with its own image's statistics, which differ from the 2-image batch's by construction; instance norm, in the
-# CycleGAN, is per image anyway). The DDP tests rerun one stage of it under torchrun.
-TWO_ROUNDS = ["--outer-rounds", 2, "--ssl-rounds", 0, "--iters", 2, "--bn-mode", "eval", "--cyclegan-epochs", 3,
-              "--cyclegan-epoch-iters", 1]  # CycleGAN lr factors 1, 1, 0 (the official off-by-one: the last epoch at 0)
-
-
-@pytest.fixture(scope="module")
-def two_rounds(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bdl") / "two_rounds"
-    main(*TWO_ROUNDS, "--out", out)
-    return out
-
-
-def test_two_processes_equal_one_process_in_the_segmentation_stage(two_rounds, tmp_path):
-    """S^2_0 under torchrun, 2 processes x batch 1, equals the single process's batch 2 after 2 iterations: the
-    segmenter, the output-space discriminator and its Adam (the source backward under no_sync, the target backward
-    all-reducing the sum; D's backward all-reducing its own)."""
-    out = tmp_path / "ddp"
-    shutil.copytree(two_rounds, out)
-    os.remove(out / "checkpoints" / "seg_r2_s0.pt")  # the stage's output: without it the stage runs
-    run(*TWO_ROUNDS, "--stage", "seg", "--round", 2, "--out", out, cmd=TORCHRUN)
-    assert_close(load(two_rounds, "seg_r2_s0.pt")["model"], load(out, "seg_r2_s0.pt")["model"], "segmenter")
-    single, ddp = load(two_rounds, "last.pt"), load(out, "last.pt")
-    assert single["stage"] == ddp["stage"] == "seg_r2_s0" and single["iter"] == ddp["iter"] == 2
-    for key in ("model", "disc_main", "optimizer_d_main"):
-        assert_close(single[key], ddp[key], key)
+# CycleGAN, is per image anyway). CycleGAN lr factors 1, 1, 1, 0 (the official off-by-one: the last epoch at 0), so
+# that the pools' swaps of iteration 2 reach the generators through D in iteration 3.
+TWO_ROUNDS = ["--outer-rounds", 2, "--ssl-rounds", 0, "--iters", 2, "--bn-mode", "eval", "--cyclegan-epochs", 4,
+              "--cyclegan-epoch-iters", 1]
 
 
 def instance_normalised_biases(module):
@@ -816,25 +800,36 @@ def instance_normalised_biases(module):
     return set(names)
 
 
-def test_two_processes_equal_one_process_in_the_cyclegan_stage(two_rounds, tmp_path):
-    """T^2 (with the perceptual loss of S^1_0) under torchrun, 2 processes x 1 crop per domain, equals the single
-    process's 2 crops after 3 iterations (2 with lr > 0): the generators, both discriminators and the image pools, which stay global
-    (all ranks' fakes, gathered in the single-process order). Instance norm is per image, so nothing differs by
-    construction. Not compared: the conv biases an instance norm cancels."""
+def test_two_processes_equal_one_process(tmp_path):
+    """Round 2 (T^2 with the perceptual loss of S^1_0, its translation, S^2_0) rerun under torchrun, 2 processes x 1
+    crop or image, equals the single process's batch of 2: the generators after 3 iterations (which saw the
+    discriminators and the image pools, global under torchrun: all ranks' fakes in the single-process order), the
+    translated images, the segmenter, the output-space discriminator and its Adam after 2 iterations (the source
+    backward under no_sync, the target backward all-reducing the sum), and the final evaluation. Not compared: the
+    conv biases an instance norm cancels."""
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    for folder in (single, ddp):
-        shutil.copytree(two_rounds, folder)
-        os.remove(folder / "checkpoints" / "cyclegan_r2.pt")  # the stage's output: without it the stage runs
-    main(*TWO_ROUNDS, "--stage", "cyclegan", "--round", 2, "--out", single)
-    run(*TWO_ROUNDS, "--stage", "cyclegan", "--round", 2, "--out", ddp, cmd=TORCHRUN)
-    a, b = load(single, "last.pt"), load(ddp, "last.pt")
-    assert a["stage"] == b["stage"] == "cyclegan_r2" and a["iter"] == b["iter"] == 3
+    main(*TWO_ROUNDS, "--out", single)
+    shutil.copytree(single, ddp)
+    os.remove(ddp / "checkpoints" / "cyclegan_r2.pt")  # without its output the stage runs, and so do the later ones
+    result = run(*TWO_ROUNDS, "--out", ddp, cmd=TORCHRUN)
+    assert "stage seg_r1_s0: done" in result.stdout and "\nstage cyclegan_r2\n" in result.stdout
     assert {"sem", "sem_rec"} <= set().union(*metrics(ddp))  # round 2: the perceptual terms acted
-    for key, net in (("translators", bdl.Translators(4, 1)), ("discs", torch.nn.ModuleDict(
-            {"target": bdl.PatchDiscriminator(4), "source": bdl.PatchDiscriminator(4)}))):
-        idle = instance_normalised_biases(net)
-        assert idle and all(name in a[key] for name in idle)
+    a, b = load(single, "cyclegan_r2.pt"), load(ddp, "cyclegan_r2.pt")
+    idle = {name.split(".", 1)[1] for name in instance_normalised_biases(bdl.Translators(4, 1))}
+    # Adam moves a weight by about +-lr per step (lr 1e-3 for T, 1e-4 for the output-space D), and rounding moves
+    # that by a few percent where the gradient is small (measured: up to 2.4e-5 for T, 3.5e-6 for D): 0.1 lr
+    for key in ("to_target", "to_source"):
+        assert idle <= set(a[key])
         assert_close({k: v for k, v in a[key].items() if k not in idle},
-                     {k: v for k, v in b[key].items() if k not in idle}, key)
-    for key in ("pool_target", "pool_source"):  # generated images in [-1, 1]
-        assert_close(a[key], b[key], key, atol=1e-5)
+                     {k: v for k, v in b[key].items() if k not in idle}, key, atol=1e-4)
+    for name in sorted(os.listdir(single / "translated" / "r2")):
+        if name.endswith(".png"):
+            x, y = (np.asarray(Image.open(f / "translated" / "r2" / name), dtype=int) for f in (single, ddp))
+            assert np.abs(x - y).max() <= 1, name  # uint8 rounding of generators equal within float tolerance
+    a, b = load(single, "last.pt"), load(ddp, "last.pt")
+    assert a["stage"] == b["stage"] == "seg_r2_s0" and a["iter"] == b["iter"] == 2
+    assert_close(a["model"], b["model"], "segmenter (SGD)")
+    assert_close(a["disc_main"], b["disc_main"], "output-space D (Adam, lr 1e-4)", atol=1e-5)
+    assert_close(a["optimizer_d_main"], b["optimizer_d_main"], "D's Adam moments", atol=1e-8)
+    assert json.load(open(ddp / "results.json"))["per_class_iou"] == pytest.approx(
+        json.load(open(single / "results.json"))["per_class_iou"], abs=1e-6)
