@@ -765,17 +765,20 @@ def test_torchrun_whole_loop_scores_its_checkpoint(tmp_path):
     evaluations, sharded over the ranks with rank 0's BN statistics, equal --eval-only of the checkpoints in one
     process."""
     out = tmp_path / "ddp"
-    run("--outer-rounds", 1, "--ssl-iters", 1, "--out", out, cmd=TORCHRUN)
+    # S_0 long enough (8 iterations at lr 0.05) for the ranks' BN statistics to change predictions of 4 val images
+    run("--outer-rounds", 1, "--ssl-iters", 1, "--iters", 8, "--lr", 0.05, "--eval-limit", 4, "--out", out,
+        cmd=TORCHRUN)
     assert json.load(open(out / "config.json"))["args"]["world_size"] == 2
     results = json.load(open(out / "results.json"))
     assert results["stage"] == "seg_r1_s1"
-    assert [r["iter"] for r in metrics(out) if "seg_src" in r] == [1, 2]  # rank 0 only
+    assert [r["iter"] for r in metrics(out) if "seg_src" in r] == list(range(1, 10))  # rank 0 only
     assert len([f for f in os.listdir(out / "pseudo" / "r1_s1") if f.endswith(".png")]) == 4
-    main("--eval-only", "--weights", out / "checkpoints" / "seg_r1_s1.pt", "--out", tmp_path / "single")
+    main("--eval-only", "--weights", out / "checkpoints" / "seg_r1_s1.pt", "--eval-limit", 4, "--out",
+         tmp_path / "single")
     assert json.load(open(tmp_path / "single" / "results.json"))["per_class_iou"] == results["per_class_iou"]
     # the in-stage evaluation at the end of S_0 too (the ranks' networks in memory: their BN statistics differ)
-    main("--eval-only", "--weights", out / "checkpoints" / "seg_r1_s0.pt", "--out", tmp_path / "s0")
-    assert [r["val_miou"] for r in metrics(out) if "val_miou" in r and r["iter"] == 1] == [
+    main("--eval-only", "--weights", out / "checkpoints" / "seg_r1_s0.pt", "--eval-limit", 4, "--out", tmp_path / "s0")
+    assert [r["val_miou"] for r in metrics(out) if "val_miou" in r and r["iter"] == 8] == [
         json.load(open(tmp_path / "s0" / "results.json"))["miou"]]
 
 
