@@ -31,8 +31,10 @@ TINY = ["--preset", "quick", "--eval-limit", "2", "--num-workers", "0", "--batch
         "--warmup-iters", "2", "--iters", "2", "--checkpoint-every", "1"]
 # the runs the resume and torchrun tests compare: BN frozen except in stage 3 (trained, each torchrun process would
 # normalise with its own image's statistics: SyncBN exists only on CUDA), head dropout 0 (every rank draws the
-# same masks), crops inside the frame (scale >= 1: the source CE is each process's mean over its labelled pixels)
-EQUAL = ["--freeze-bn-stages", "warmup", "stage1", "stage2", "--head-dropout", "0", "--scale-range", "1", "1.2"]
+# same masks), crops inside the frame (scale >= 1: the source CE is each process's mean over its labelled pixels);
+# a low hard-label threshold, so that stages 2/3 have hard labels after 2 iterations, as many as the images allow
+EQUAL = ["--freeze-bn-stages", "warmup", "stage1", "stage2", "--head-dropout", "0", "--scale-range", "1", "1.2",
+         "--label-threshold", "0.3"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             os.path.join(ROOT, "tests", "collective_guard.py"), "proda.py"]
@@ -729,8 +731,9 @@ def test_update_rules_in_checkpoints(full_run):
     assert not torch.equal(ema, student) and not torch.equal(ema, start)
     protos = load(os.path.join(full_run, "stage1", "pseudo", "prototypes.pt"))
     assert stage1["prototypes"].shape == (8, 256) and not torch.equal(stage1["prototypes"], protos)
-    # stage 2 (quick: the student starts from the teacher) trains the student
+    # stage 2 (quick: the student starts from the teacher) trains the student, on some hard labels (threshold 0.3)
     assert not torch.equal(stage2["model"]["conv1.weight"], stage1["model"]["conv1.weight"])
+    assert all(row["pseudo_weight"] > 0 for row in train_rows(full_run, "stage2"))
 
 
 def test_resume_within_and_between_stages(full_run, tmp_path):
@@ -897,12 +900,15 @@ def test_two_processes_equal_one_process(full_run, tmp_path):
     ddp = tmp_path / "ddp"
     proc = run("--out", ddp, *EQUAL, cmd=TORCHRUN)
     assert "prototypes and EMA weights: identical on all 2 ranks" in proc.stdout + proc.stderr
+    # measured: segmenters and EMA within 1e-7, D (Adam) and prototypes within 1e-6; per-process loss means (each
+    # process dividing by its own pixel count) move stage 1 by 5e-6 and stage 2 by 4e-5
     for stage, parts in (("warmup", ("model", "disc_main")), ("stage1", ("model", "ema")), ("stage2", ("model",))):
         a, b = (load(os.path.join(out, stage, "checkpoints", "last.pt")) for out in (full_run, ddp))
         for part in parts:
-            assert same_tensors(a[part], b[part], rtol=1e-4, atol=1e-5) == [], (stage, part)
+            atol = 1e-5 if part == "disc_main" else 1e-6
+            assert same_tensors(a[part], b[part], rtol=1e-5, atol=atol) == [], (stage, part)
         if stage == "stage1":
-            assert torch.allclose(a["prototypes"], b["prototypes"], rtol=1e-4, atol=1e-5)
+            assert torch.allclose(a["prototypes"], b["prototypes"], rtol=1e-5, atol=1e-5)
     assert json.loads((ddp / "config.json").read_text())["args"]["world_size"] == 2
     assert [r["iter"] for r in train_rows(ddp, "stage2")] == [1, 2]  # rank 0 alone logs
     again = tmp_path / "again"
