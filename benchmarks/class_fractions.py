@@ -50,7 +50,8 @@ def predicted_and_true(ckpt, limit):
     _, _, pred_map = class_setup(args["source"], args["target"], args.get("synthia_classes", 19))
     val = domain_split(args["target"], "val", args["data_root"])
     size = args.get("eval_size") or args.get("target_size") or val.paper_size
-    loader = eval_loader(SegDataset(val, eval_size=size), num_workers=0, limit=limit)
+    loader = eval_loader(SegDataset(val, eval_size=size, eval_interpolation=getattr(script, "RESIZE", "bicubic")),
+                         num_workers=0, limit=limit)
 
     def predict(x):
         logits = net(normalize(x, ckpt["normalization"]))[1]
