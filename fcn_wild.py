@@ -102,6 +102,7 @@ import dataclasses
 import json
 import math
 import os
+import zipfile
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -112,8 +113,9 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
-from common.checkpoint import load_checkpoint, load_weights, resume_path, rng_state, save_checkpoint, set_rng_state
-from common.cli import UserError, guard, parse_args
+from common.checkpoint import (load_checkpoint, load_matching, read_weights_file, resume_path, rng_state,
+                               save_checkpoint, set_rng_state)
+from common.cli import UserError, guard, imply, parse_args
 from common.data import SegDataset, TrainTransform, class_setup, domain_split, normalize, train_loader
 from common.metrics import evaluate_target
 from common.runlog import RunLog, param_counts, save_json
@@ -135,8 +137,9 @@ class Args:
     backbone: str = "vgg16"
     """dilated VGG-16 front-end: vgg16 (paper) or vgg16_small (channels /8, fc6/fc7 512 wide, for CPU runs)"""
     init: str = "imagenet"
-    """imagenet (torchvision VGG-16), none (random) or a local file (a torchvision vgg16 state dict or a
-    checkpoint of this script, e.g. checkpoints/source_phase.pt of an earlier run, with --adapt-start 0)"""
+    """imagenet (torchvision VGG-16), none (random) or a local file, recognised by its content: a torchvision-layout
+    VGG-16 state dict or a checkpoint of this script (e.g. checkpoints/source_phase.pt of an earlier run, with
+    --adapt-start 0); the third-party TF code's .npy weights are refused (NumPy pickles: header, "Weights files")"""
     iters: int = 41000
     """training iterations = optimiser updates, both phases (paper: 40,000 source-phase iterations (Yu & Koltun's
     Cityscapes front-end) + 1,000 adaptation updates (third-party: 2000 micro-steps of 4+4 = 1000 updates of 8+8))"""
@@ -167,7 +170,11 @@ class Args:
     eval_only: bool = False
     """evaluate --weights on the target val split, write results.json, exit"""
     weights: list[str] = field(default_factory=list)
-    """checkpoint(s) to evaluate with --eval-only"""
+    """file to evaluate with --eval-only: one of our checkpoints (last.pt or source_phase.pt); no FCNs-in-the-Wild
+    model is released (header, "Weights files")"""
+    save_predictions: Optional[str] = None
+    """write every target-val prediction of the final evaluation as a PNG into this folder (Cityscapes: label
+    ids at 2048x1024, named as the official evaluation and benchmark scripts expect)"""
     dry_run: bool = False
     """build networks and optimisers, write config.json with parameter counts, exit without reading data"""
     log_every: int = 50
@@ -187,7 +194,7 @@ class Args:
     synthia_classes: int = 19
     """classes of the head when the source is SYNTHIA: 19 (evaluated on 16/13) or 16"""
     normalization: Literal["auto", "imagenet", "caffe"] = "auto"
-    """input normalisation; auto: what the init expects (imagenet for torchvision weights, a checkpoint's own)"""
+    """input normalisation; auto: what the weights imply (imagenet for torchvision weights, a checkpoint's own)"""
     weight_decay: float = 5e-4
     """L2 weight decay: source phase (SGD) every weight, no bias (Yu & Koltun: 5e-4); adaptation phase the
     weights of conv1_1..conv5_3 and fc6 in the task Adam (third-party: 5e-4; fc7, fc8, biases and D undecayed)"""
@@ -343,45 +350,147 @@ class DomainClassifier(nn.Module):
         return self.net(fc7)
 
 
-def load_init(model, init, backbone) -> str:
-    """Load --init into the front-end; return the input normalisation the weights expect.
-    imagenet: torchvision VGG-16 (classifier.0/3 reshaped into fc6/fc7, fc8 stays random). A file: a
-    torchvision vgg16 state dict, or a checkpoint of this script (fc8 is loaded too when it fits)."""
+# ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: weights files (header, "Weights files"): recognised by content, mapped to VGG16FrontEnd's names
+ACCEPTED = ("accepted are checkpoints of this script (checkpoints/last.pt, checkpoints/source_phase.pt) and "
+            "torchvision-layout VGG-16 state dicts")
+TF_TABLE_MAGIC = bytes.fromhex("57fb808b247547db")  # the last 8 bytes of a TensorFlow checkpoint's .index file
+
+
+def vgg_of(state) -> dict:
+    """{"backbone": name} when the widths of a front-end state dict (our names) match one of VGG_WIDTHS, else {}."""
+    keys = [f"features.{i}.weight" for i in (0, 5, 10, 17, 24)] + ["fc6.weight"]
+    if not all(k in state for k in keys):
+        return {}
+    widths = tuple(state[k].shape[0] for k in keys)
+    names = [n for n, (convs, fc, _) in VGG_WIDTHS.items() if (*convs, fc) == widths]
+    return {"backbone": names[0]} if names else {}
+
+
+def from_torchvision_vgg(state) -> dict:
+    """A torchvision VGG-16 state dict under VGG16FrontEnd's names: `features.*` as they are, the fully connected
+    classifier.0 and classifier.3 reshaped into the fc6 (7x7) and fc7 (1x1) convolutions; the ImageNet classifier.6
+    keeps its name (listed as not in this network: fc8 starts at random)."""
+    out = {k: v for k, v in state.items() if not k.startswith(("classifier.0.", "classifier.3."))}
+    for fc, key, kernel in (("fc6", "classifier.0", 7), ("fc7", "classifier.3", 1)):
+        weight = state.get(f"{key}.weight")
+        if weight is not None and weight.dim() == 2 and weight.shape[1] % (kernel * kernel) == 0:
+            out[f"{fc}.weight"] = weight.reshape(weight.shape[0], -1, kernel, kernel)  # else listed as missing
+        if f"{key}.bias" in state:
+            out[f"{fc}.bias"] = state[f"{key}.bias"]
+    return out
+
+
+def refuse_unsafe_formats(path, flag):
+    """One-line errors for the third-party TF code's weights, recognised from their bytes without reading them as
+    weights: its .npy files are NumPy pickles of a {layer: [weight, bias]} dict (models/model.py:34,
+    np.load(...).item()), and unpickling runs whatever code the file names; its trained models are TensorFlow
+    checkpoints (train_adv.py saver.save; train_synthia_frontend.zip)."""
+    with open(path, "rb") as f:
+        head = f.read(1024)
+        f.seek(max(os.path.getsize(path) - 8, 0))
+        tail = f.read(8)
+    advice = ("start from --init imagenet (--preset paper trains the front-end itself), a torchvision-layout VGG-16 "
+              "state dict or one of this script's checkpoints")
+    if head.startswith(b"\x93NUMPY"):  # the .npy format: magic, version, then a header naming the dtype
+        if b"'|O" not in head:
+            raise UserError(f"{flag} {path} is a NumPy array, not a weights dict; {advice}")
+        raise UserError(f"{flag} {path} is a NumPy pickle (an object-array .npy, as the third-party FCNs_Wild code's "
+                        f"pretrained_vgg.npy and train_cscape_frontend.npy): reading it would run any code it carries "
+                        f"(np.load allow_pickle), so it is not read; {advice}")
+    tensorflow = tail == TF_TABLE_MAGIC
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        tensorflow = not any(n.endswith("data.pkl") for n in names) and any(
+            n.endswith((".index", ".meta")) or ".data-" in n for n in names)
+    if tensorflow:
+        raise UserError(f"{flag} {path} is a TensorFlow checkpoint (the third-party FCNs_Wild code's format): it "
+                        f"cannot be read without TensorFlow; {advice}")
+
+
+def read_frontend_weights(path, flag="--init") -> dict:
+    """Recognise a front-end weights file by its content (never its name) and map it to VGG16FrontEnd's names.
+
+    Returns {"kind": what it is, "state": tensors under our names, "implied": the flags it implies, "iter",
+    "num_classes", "resumable"}. Layouts:
+    - a checkpoint of this script (a "script" key): checkpoints/last.pt (resumable) or checkpoints/source_phase.pt
+      (the source-phase front-end, no optimiser state); its backbone and input normalisation;
+    - a torchvision VGG-16 state dict (features.*, classifier.*; bare or under state_dict/model, `module.` prefixes
+      dropped): classifier.0/3 reshaped into fc6/fc7, ImageNet input, the backbone from the widths.
+    The third-party TF code's .npy and TensorFlow files are refused (refuse_unsafe_formats).
+    """
+    if os.path.isfile(path):
+        refuse_unsafe_formats(path, flag)
+    state = read_weights_file(path, flag)
+    if isinstance(state, dict) and "script" in state:  # ours
+        if state["script"] != SCRIPT:
+            raise UserError(f"{path} was written by {state['script']}, not {SCRIPT}")
+        saved = state.get("args", {})
+        implied = {k: saved[k] for k in ("backbone",) if k in saved}
+        implied["normalization"] = state.get("normalization", "imagenet")
+        resumable = "optimizer" in state
+        return {"kind": f"{SCRIPT} checkpoint" if resumable else f"{SCRIPT} source-phase front-end",
+                "state": state.get("model", {}), "implied": implied, "iter": state.get("iter", 0),
+                "num_classes": state.get("num_classes"), "resumable": resumable}
+    for key in ("state_dict", "model"):  # common wrappers of a plain state dict
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"{flag} {path} is not a VGG-16 front-end weights file: {ACCEPTED}")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if "features.0.weight" in state and "classifier.0.weight" in state:
+        mapped = from_torchvision_vgg(state)
+        return {"kind": "torchvision VGG-16", "state": mapped, "iter": 0, "num_classes": None, "resumable": False,
+                "implied": {"normalization": "imagenet", **vgg_of(mapped)}}
+    raise UserError(f"{flag} {path}: unrecognised layout (keys such as {', '.join(list(state)[:3])}); {ACCEPTED}")
+
+
+def load_init(model, init, backbone, found=None) -> str:
+    """Load --init into the front-end (found: read_frontend_weights' result for a file); return the input
+    normalisation the weights expect. conv1_1..fc7 must load completely; fc8 comes along from a checkpoint of the
+    same classes, else it stays at its N(0, 0.001) init (listed)."""
     if init == "none":
         return "imagenet"
-    norm = "imagenet"
     if init == "imagenet":
         if backbone != "vgg16":
             raise UserError(f"--init imagenet needs --backbone vgg16 (there are no ImageNet weights for {backbone})")
-        state = torchvision.models.vgg16(weights="IMAGENET1K_V1").state_dict()
-    else:
-        if not os.path.isfile(init):
-            raise UserError(f"--init {init}: no such file (use imagenet, none or a path)")
-        try:
-            state = torch.load(init, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"cannot load --init {init}: {str(e).splitlines()[0][:200]}") from None
-        if isinstance(state, dict) and "script" in state and state["script"] != SCRIPT:
-            raise UserError(f"--init {init} was written by {state['script']}, not {SCRIPT} (another network)")
-        norm = state.get("normalization", norm) if isinstance(state, dict) else norm
-        state = state.get("model", state.get("state_dict", state))
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-    if "classifier.0.weight" in state:  # torchvision layout: the fully connected layers become convolutions
-        for fc, key in (("fc6", "classifier.0"), ("fc7", "classifier.3")):
-            weight, kernel = state.pop(f"{key}.weight"), model.fc6.kernel_size if fc == "fc6" else (1, 1)
-            if weight.numel() % (weight.shape[0] * kernel[0] * kernel[1]) == 0:  # else reported as misshapen below
-                state[f"{fc}.weight"] = weight.reshape(weight.shape[0], -1, *kernel)
-            state[f"{fc}.bias"] = state.pop(f"{key}.bias")
-    own = model.state_dict()
-    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    backbone_keys = [k for k in own if not k.startswith("fc8.")]
-    missing = [k for k in backbone_keys if k not in matched]
-    if missing:
-        raise UserError(f"--init {init} does not fit a {backbone} front-end: {len(missing)} of "
-                        f"{len(backbone_keys)} backbone tensors missing or misshapen (e.g. {missing[0]})")
-    model.load_state_dict(matched, strict=False)
-    print(f"init {init}: {'loaded' if 'fc8.weight' in matched else 'random'} fc8")
-    return norm
+        state = from_torchvision_vgg(torchvision.models.vgg16(weights="IMAGENET1K_V1").state_dict())
+        found = {"kind": "torchvision ImageNet VGG-16", "state": state, "implied": {"normalization": "imagenet"}}
+    load_matching(model, found["state"], f"--init {init} ({found['kind']})",
+                  required=lambda k: not k.startswith("fc8."))
+    return found["implied"]["normalization"]
+
+
+def prepare_frontend_weights(args, ckpt_path, num_classes) -> Optional[dict]:
+    """Read the file of --eval-only --weights, --resume or --init (read_frontend_weights), apply the flags it implies
+    (typed flags win), print one line on what was recognised."""
+    found = None
+    if args.normalization == "auto":  # typed or not, auto is what the file implies (else --eval-only has none)
+        args.given = getattr(args, "given", frozenset()) - {"normalization"}
+    if args.weights and not args.eval_only:
+        raise UserError("--weights is read by --eval-only; to start training from a file use --init PATH")
+    if args.eval_only:
+        if len(args.weights) != 1:
+            raise UserError("--eval-only needs exactly one --weights PATH")
+        found = read_frontend_weights(args.weights[0], "--weights")
+    elif ckpt_path:  # the network flags it was trained with; its normalisation comes back with the rest of its state
+        found = read_frontend_weights(ckpt_path, "--resume")
+        if not found["resumable"]:
+            raise UserError(f"--resume {ckpt_path} is a {found['kind']} (no optimiser state): start from it with "
+                            f"--init {ckpt_path}")
+        found["implied"].pop("normalization")
+    elif args.init not in ("imagenet", "none"):
+        found = read_frontend_weights(args.init)
+    if found is not None and found.get("num_classes") not in (None, num_classes):
+        raise UserError(f"{args.weights[0] if args.eval_only else ckpt_path or args.init} has "
+                        f"{found['num_classes']} classes, this run has {num_classes}")
+    if found is not None:
+        found["applied"] = imply(args, found["implied"], found["kind"])
+        quirks = {"normalization": "{} input", "backbone": "backbone {}"}
+        said = ", ".join(quirks[k].format(v) for k, v in found["applied"].items() if k in quirks)
+        print(f"recognised {found['kind']}" + (f": {said}" if said else ""), flush=True)
+    return found
 
 
 def seg_loss(logits, labels, align_corners=True):
@@ -597,8 +706,6 @@ def check_flags(args):
     if ({"source_lr", "source_momentum"} & given) and args.source_optimizer != "sgd":
         raise UserError("--source-lr and --source-momentum set the source phase's SGD: they need "
                         "--source-optimizer sgd")
-    if args.weights and not args.eval_only:
-        raise UserError("--weights is read by --eval-only; to start training from a checkpoint use --init PATH")
 
 
 def objective_grads(objectives, params, scaler):
@@ -632,6 +739,75 @@ def average_over_ranks(grads, rt):
     return out
 
 
+def accumulated_update(objectives_of, micro_batches, params, optimizers, rt):
+    """The update rule of both phases: per micro-batch, each objective's gradients w.r.t. its own parameters (one
+    autograd.grad each over the micro-batch's forward); summed over the micro-batches and divided by their number
+    (--grad-accum), averaged over the ranks; then every objective's optimiser steps (all gradients taken at the same
+    parameters). objectives_of(*micro_batch) -> ({objective: loss}, {logged name: value}). Returns the logged means."""
+    grads, losses = {}, {}
+    for batch in micro_batches:
+        objectives, parts = objectives_of(*batch)
+        micro = objective_grads(objectives, {name: params[name] for name in objectives}, rt.scaler)
+        for name, gs in micro.items():
+            grads[name] = [a + b for a, b in zip(grads[name], gs)] if name in grads else list(gs)
+        for key, value in parts.items():
+            losses[key] = losses.get(key, 0.0) + value.detach() / len(micro_batches)
+    grads = average_over_ranks({name: [g / len(micro_batches) for g in gs] for name, gs in grads.items()}, rt)
+    step_objectives(optimizers, params, grads, rt.scaler)
+    rt.scaler.update()
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: one training iteration of each phase (main() calls them; tests/test_fcn_wild.py checks them against a
+# hand-written reference)
+def source_step(model, optimizer, micro_batches, rt):
+    """One source-phase update (the front-end the paper adapts): CE on the source labels, by `optimizer` (Yu &
+    Koltun's SGD, or the task Adam with --source-optimizer adam) over every parameter of the front-end.
+    micro_batches: [(normalised source images, labels, unused)] * --grad-accum."""
+    def objectives_of(images, labels, _):
+        with rt.autocast():
+            _, logits = model(images)
+        loss = seg_loss(logits, labels)
+        return {"task": loss}, {"seg_src": loss}
+
+    return accumulated_update(objectives_of, micro_batches, {"task": list(model.parameters())}, {"task": optimizer},
+                              rt)
+
+
+def adapt_step(model, disc, optimizers, params, micro_batches, lr, it, args, rt, ca_stats=None):
+    """One adaptation update, one Adam per objective (build_optimizers), at the lrs of objective_lrs(lr, it):
+    task: source CE -> F + fc8; d (GA): D's BCE on the fc7 cells (source 0, target 1) -> D only (F's features enter
+    D's gradient as constants); conf (GA): the confusion loss, BCE toward 1/2 -> F only (D fixed), lr x ramp;
+    ca (CA, ca_stats given): KL(P||Q) on the target prediction, P from the dual ascent, gradient x --ca-large-weight
+    on the --ca-large-classes -> F + fc8, lr x0.1. disc None: no GA. One forward per domain serves every objective.
+    micro_batches: [(normalised source images, labels, normalised target images)] * --grad-accum."""
+    lrs = objective_lrs(lr, it, args)
+    for name in ("d", "conf", "ca"):
+        if name in optimizers:
+            set_lr(optimizers[name], lrs[name])
+
+    def objectives_of(images, labels, target_images):
+        with rt.autocast():
+            fc7_s, logits_s = model(images)
+        objectives = {"task": seg_loss(logits_s, labels)}
+        parts = {"seg_src": objectives["task"]}
+        if disc is not None or ca_stats is not None:
+            with rt.autocast():
+                fc7_t, logits_t = model(target_images)
+        if disc is not None:
+            with rt.autocast():  # one D forward serves both: D's loss is differentiated w.r.t. D only,
+                d_s, d_t = disc(fc7_s), disc(fc7_t)  # the confusion w.r.t. F only (D stays fixed there)
+            objectives["d"] = parts["d_main"] = 0.5 * (domain_bce(d_s, SOURCE_LABEL) + domain_bce(d_t, TARGET_LABEL))
+            objectives["conf"] = parts["adv_main"] = 0.5 * (confusion_loss(d_s) + confusion_loss(d_t))
+            parts["d_acc"] = 0.5 * ((d_s < 0).float().mean() + (d_t > 0).float().mean())  # cells D gets right
+        if ca_stats is not None:
+            objectives["ca"] = parts["ca"] = ca_objective(logits_t, target_images.shape[-2:], ca_stats, args)
+        return objectives, parts
+
+    return accumulated_update(objectives_of, micro_batches, params, optimizers, rt)
+
+
 # ----------------------------------------------------------------------------------------------------
 def main():
     args = parse_args(Args, PRESETS, description=__doc__)
@@ -655,8 +831,10 @@ def main():
     for key, domain in (("source_size", args.source), ("target_size", args.target)):
         if getattr(args, key) is None and domain in ("gta", "synthia", "cityscapes"):
             setattr(args, key, list(FCN_INPUT_SIZE))  # the third-party 512x256 (eval_size follows target_size)
+    found = prepare_frontend_weights(args, ckpt_path, num_classes)  # the --init/--weights/--resume file, its flags
     model = VGG16FrontEnd(args.backbone, num_classes)
-    norm = load_init(model, args.init, args.backbone) if not (ckpt_path or args.eval_only or args.dry_run) else None
+    norm = load_init(model, args.init, args.backbone, found) if not (ckpt_path or args.eval_only or args.dry_run) \
+        else None
     model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
     with torch.random.fork_rng(devices=[]):  # D's init leaves the global RNG (dropout) as a source-only run has it
         torch.manual_seed(args.seed + 1)
@@ -667,29 +845,39 @@ def main():
 
     # TRY NOT TO MODIFY: run folder, dry run, resume
     norm = args.normalization if args.normalization != "auto" else norm
+    loaded = {"file": args.weights[0] if args.eval_only else args.init, "kind": found["kind"],
+              "implied": found["applied"]} if found is not None else None
     log = RunLog(out_dir, rt.is_main)
-    log.write_config(SCRIPT, args, param_counts(**networks), normalization=norm, num_classes=num_classes)
+    log.write_config(SCRIPT, args, param_counts(**networks), normalization=norm, num_classes=num_classes,
+                     loaded=loaded)
     if args.dry_run:
         print(f"dry run: config written to {log.path('config.json')}")
         return
     start_iter = 0
-    if ckpt_path or args.eval_only:
-        if args.eval_only and len(args.weights) != 1:
-            raise UserError("--eval-only needs exactly one --weights PATH")
-        ckpt = load_checkpoint(args.weights[0] if args.eval_only else ckpt_path, SCRIPT, num_classes)
-        load_weights(model, ckpt["model"])
+    if args.eval_only:  # every tensor of the network from the file; nothing left over but unsummed ASPP convs
+        load_matching(model, found["state"], f"--weights {args.weights[0]} ({found['kind']})", required=lambda k: True,
+                      unused_ok=lambda k: ".convs.2." in k or ".convs.3." in k)
+        start_iter = found["iter"]
+    elif ckpt_path:
+        ckpt = load_checkpoint(ckpt_path, SCRIPT, num_classes)
+        load_matching(model, ckpt["model"], f"--resume {ckpt_path}", required=lambda k: True, unused_ok=lambda k: False,
+                      quiet=True)
         norm, start_iter = ckpt["normalization"], ckpt["iter"]
-        if not args.eval_only:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            rt.scaler.load_state_dict(ckpt["scaler"])
-            set_rng_state(ckpt["rng"])
-            print(f"resumed from {ckpt_path} at iteration {start_iter}")
-            extra = {**{name: net for name, net in networks.items() if name != "model"},
-                     **{f"optimizer_{name}": opt for name, opt in optimizers.items() if name != "task"}}
-            for key, state_holder in extra.items():  # the domain classifier and the other objectives' Adams
-                if key not in ckpt:
-                    raise UserError(f"{ckpt_path} has no '{key}': it was written with other --global/--category flags")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        rt.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        extra = {**{name: net for name, net in networks.items() if name != "model"},
+                 **{f"optimizer_{name}": opt for name, opt in optimizers.items() if name != "task"}}
+        for key, state_holder in extra.items():  # the domain classifier and the other objectives' optimisers
+            if key not in ckpt:
+                raise UserError(f"{ckpt_path} has no '{key}': it was written with other --global/--category/"
+                                f"--adapt-start/--source-optimizer flags")
+            if key in networks:
+                load_matching(state_holder, ckpt[key], f"--resume {ckpt_path} ({key})", required=lambda k: True,
+                              unused_ok=lambda k: False, quiet=True)
+            else:
                 state_holder.load_state_dict(ckpt[key])
+        print(f"resumed from {ckpt_path} at iteration {start_iter}")
 
     def to_input(images):
         x = normalize(images.to(rt.device, non_blocking=True), norm)
@@ -700,19 +888,21 @@ def main():
     eval_size = args.eval_size or args.target_size or target_val.paper_size
 
     def evaluate_model(final=False):
+        rt.share_buffers(model)  # rank 0's BN statistics on every rank: the network its checkpoint holds
         model.eval()
         with torch.no_grad(), rt.autocast():
             summary = evaluate_target(lambda x: model(to_input(x))[1], target_val, rt, align_corners=True, log=log,
                                       num_predictions=args.num_predictions if final else 0, limit=args.eval_limit,
                                       eval_size=eval_size, pred_map=pred_map,
                                       synthia_protocols=args.source == "synthia" and len(eval_classes) == 19,
+                                      save_dir=args.save_predictions if final else None, num_workers=args.num_workers,
                                       interpolation=RESIZE)
         model.train()
         return summary
 
     if args.eval_only:
         summary = evaluate_model(final=True)
-        log.write_results(summary, start_iter, weights=args.weights)
+        log.write_results(summary, start_iter, weights=args.weights, loaded=loaded)
         print(f"target val mIoU {summary['miou']:.2f} ({log.path('results.json')})")
         return
 
@@ -742,6 +932,7 @@ def main():
         target_batches = train_loader(SegDataset(target_train, target_transform, with_label=False), per_rank_batch,
                                       args.seed + 100_003, target_start, rt.rank, rt.world,
                                       num_workers=args.num_workers, pin_memory=rt.device.type == "cuda")
+    ca_stats = None
     if args.category_alignment:
         # cached next to a real dataset (if writable), in the run folder for the toy domains; always copied there
         cache = log.path("class_stats.json")
@@ -774,50 +965,24 @@ def main():
         lr = poly_lr(args.lr, it, args.poly_horizon, args.poly_power)
         set_lr(optimizer, lr)
 
-        # ALGO LOGIC: one iteration = grad_accum micro-batches of source (+ target) images, one step per objective
+        # ALGO LOGIC: one iteration = --grad-accum micro-batches of source (+ target while adapting) images
         adapting = it >= args.adapt_start  # before: the source phase, the front-end the paper adapts
-        use_ga, use_ca = args.global_alignment and adapting, args.category_alignment and adapting
-        source_sgd = not adapting and "source" in optimizers  # else the task Adam fits the source labels
-        if it == args.adapt_start > 0 and rt.is_main:  # keep the source-phase front-end (the source-only row)
-            save_checkpoint(log.path("checkpoints", "source_phase.pt"), {
-                "script": SCRIPT, "num_classes": num_classes, "iter": it, "normalization": norm,
-                "args": dataclasses.asdict(args), "model": unwrap(model).state_dict()})
-        lrs = objective_lrs(lr, it, args)
-        for name, objective_lr in lrs.items():
-            if name != "task" and name in optimizers:
-                set_lr(optimizers[name], objective_lr)
-        lr = lrs["source"] if source_sgd else lr  # the logged lr is that of the optimiser fitting the source
-        grads, losses = {}, {}
+        micro_batches = []
         for _ in range(args.grad_accum):
             images, labels, _ = next(source_batches)
-            labels = labels.to(rt.device, non_blocking=True).long()
-            with rt.autocast():
-                fc7_s, logits_s = train_model(to_input(images))
-            objectives = {"task": seg_loss(logits_s, labels)}
-            parts = {"seg_src": objectives["task"]}
-            if use_ga or use_ca:
-                target_images, _, _ = next(target_batches)
-                with rt.autocast():
-                    fc7_t, logits_t = train_model(to_input(target_images))
-            if use_ga:
-                with rt.autocast():  # one D forward serves both: D's loss is differentiated w.r.t. D only,
-                    d_s, d_t = disc(fc7_s), disc(fc7_t)  # the confusion w.r.t. F only (D stays fixed there)
-                objectives["d"] = parts["d_main"] = 0.5 * (domain_bce(d_s, SOURCE_LABEL)
-                                                           + domain_bce(d_t, TARGET_LABEL))
-                objectives["conf"] = parts["adv_main"] = 0.5 * (confusion_loss(d_s) + confusion_loss(d_t))
-                parts["d_acc"] = 0.5 * ((d_s < 0).float().mean() + (d_t > 0).float().mean())  # cells D gets right
-            if use_ca:
-                objectives["ca"] = parts["ca"] = ca_objective(logits_t, target_images.shape[-2:], ca_stats, args)
-            micro = objective_grads(objectives, {name: params[name] for name in objectives}, rt.scaler)
-            for name, gs in micro.items():
-                grads[name] = [a + b for a, b in zip(grads[name], gs)] if name in grads else list(gs)
-            for key, value in parts.items():
-                losses[key] = losses.get(key, 0.0) + value.detach() / args.grad_accum
-        grads = average_over_ranks({name: [g / args.grad_accum for g in gs] for name, gs in grads.items()}, rt)
-        if source_sgd:
-            grads["source"] = grads.pop("task")
-        step_objectives(optimizers, params, grads, rt.scaler)
-        rt.scaler.update()
+            target_images = to_input(next(target_batches)[0]) if adapting and use_target else None
+            micro_batches.append((to_input(images), labels.to(rt.device, non_blocking=True).long(), target_images))
+        if not adapting:
+            if "source" in optimizers:  # Yu & Koltun's SGD; the logged lr is that of the optimiser fitting the source
+                lr = objective_lrs(lr, it, args)["source"]
+                set_lr(optimizers["source"], lr)
+            losses = source_step(train_model, optimizers.get("source", optimizer), micro_batches, rt)
+        else:
+            if it == args.adapt_start > 0 and rt.is_main:  # keep the source-phase front-end (the source-only row)
+                save_checkpoint(log.path("checkpoints", "source_phase.pt"), {
+                    "script": SCRIPT, "num_classes": num_classes, "iter": it, "normalization": norm,
+                    "args": dataclasses.asdict(args), "model": unwrap(model).state_dict()})
+            losses = adapt_step(train_model, disc, optimizers, params, micro_batches, lr, it, args, rt, ca_stats)
 
         # TRY NOT TO MODIFY: logging, evaluation, checkpoints
         for k, v in losses.items():
