@@ -921,7 +921,7 @@ def main():
                                       interpolation=RESIZE)
     per_rank_batch = args.batch_size // rt.world // args.grad_accum
     source_batches = train_loader(SegDataset(source_train, source_transform), per_rank_batch, args.seed,
-                                  start_iter, rt.rank, rt.world * args.grad_accum, num_workers=args.num_workers,
+                                  start_iter * args.grad_accum, rt.rank, rt.world, num_workers=args.num_workers,
                                   pin_memory=rt.device.type == "cuda")
     use_target = args.global_alignment or args.category_alignment
     if use_target:  # its own sample stream (seed offset), distinct from every rank's source stream
