@@ -40,8 +40,8 @@ SHARED_MARKED_BLOCKS = ["setup", "run folder, dry run, resume", "evaluation", "t
 
 # (script, block): (kind, reason). Deliberate differences only; anything else is drift to fix.
 EXCEPTIONS = {
-    ("fcn_wild", "load_init"): ("differs", "VGG-16 front-end: torchvision VGG weights with fc6/fc7 reshaped into "
-                                           "convolutions, not a DeepLab-v2 ResNet"),
+    ("fcn_wild", "load_init"): ("differs", "VGG-16 front-end, not a DeepLab-v2 ResNet: torchvision VGG weights with "
+                                           "fc6/fc7 reshaped into convolutions; files come from read_frontend_weights"),
     ("lsdseg", "load_init"): ("differs", "VGG-16 FCN-8s, not a DeepLab-v2 ResNet: torchvision VGG weights with "
                                          "fc6/fc7 reshaped into convolutions; files come from read_fcn_weights"),
     ("lsdseg", "run folder, dry run, resume"): ("differs", "--eval-only: an FCN-8s file must fit F exactly (no "
@@ -52,10 +52,11 @@ EXCEPTIONS = {
                                           "evaluate_target gets eval_size None and interpolation lanczos); the "
                                           "checkpoint also holds the generator, the discriminator and their Adams"),
     ("daformer", "load_init"): ("differs", "MiT/pvt_v2 encoder from timm (and mmseg checkpoints), not a ResNet"),
-    ("fcn_wild", "run folder, dry run, resume"): ("extends", "resumes the domain classifier and one Adam per "
-                                                             "objective"),
-    ("fcn_wild", "evaluation"): ("extends", "the checkpoint also holds the domain classifier and the other "
-                                            "objectives' optimisers"),
+    ("fcn_wild", "run folder, dry run, resume"): ("extends", "resumes the domain classifier and one optimiser per "
+                                                             "objective (the source phase's SGD included)"),
+    ("fcn_wild", "evaluation"): ("extends", "images resized as the third-party loader (interpolation=RESIZE, "
+                                            "cv2-bilinear); the checkpoint also holds the domain classifier and the "
+                                            "other objectives' optimisers"),
     ("adaptsegnet", "run folder, dry run, resume"): ("extends", "resumes the two discriminators and their Adams"),
     ("adaptsegnet", "evaluation"): ("extends", "the checkpoint also holds the discriminators and their Adams"),
     ("advent", "run folder, dry run, resume"): ("extends", "records both files of the test-time ensemble, refuses "
