@@ -57,7 +57,8 @@ EXCEPTIONS = {
     ("fcn_wild", "evaluation"): ("extends", "images resized as the third-party loader (interpolation=RESIZE, "
                                             "cv2-bilinear); the checkpoint also holds the domain classifier and the "
                                             "other objectives' optimisers"),
-    ("adaptsegnet", "run folder, dry run, resume"): ("extends", "resumes the two discriminators and their Adams"),
+    ("adaptsegnet", "run folder, dry run, resume"): ("extends", "resumes the discriminators (two; one with "
+                                                                "--single-level) and their Adams"),
     ("adaptsegnet", "evaluation"): ("extends", "the checkpoint also holds the discriminators and their Adams"),
     ("advent", "run folder, dry run, resume"): ("extends", "records both files of the test-time ensemble, refuses "
                                                            "a checkpoint of the other --mode, resumes the "
