@@ -1,19 +1,25 @@
 """fcn_wild.py: the front-end, the class-size statistics, the constrained projection and its loss, the
 domain-confusion objectives and which parameters each optimiser may move; then the script end to end."""
+import copy
 import json
 import math
 import os
 import subprocess
 import sys
 import types
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import fcn_wild as fw
+import released
 from common.cli import UserError, field_docs
+from common.data import TOY_CLASSES
+from common.runtime import Runtime
 from conftest import ROOT, run_script
 
 QUICK = ["fcn_wild.py", "--preset", "quick", "--eval-limit", "2", "--num-workers", "0", "--log-every", "2",
@@ -21,11 +27,14 @@ QUICK = ["fcn_wild.py", "--preset", "quick", "--eval-limit", "2", "--num-workers
 CA = ["--stats-images", "16"]  # a flag of the category alignment: refused with --no-category-alignment
 # the paper's two phases in small: 3 source-phase iterations by SGD (momentum), then GA + CA
 PHASES = ["--adapt-start", "3", "--source-optimizer", "sgd", "--source-lr", "1e-3"]
+ACCUM = ["--grad-accum", "2"]  # the quick preset's batch 4 as 2 micro-batches of 2 (the paper preset accumulates)
 
 
 def small_args(**overrides):
-    """The quick preset's resolved Args, as the script's helpers see them."""
-    return fw.Args(**{**fw.PRESETS["quick"], **overrides})
+    """The quick preset's resolved Args, as the script's helpers see them (main() resolves the poly horizon)."""
+    args = fw.Args(**{**fw.PRESETS["quick"], **overrides})
+    args.poly_horizon = args.poly_horizon or args.iters
+    return args
 
 
 def test_every_field_has_help_and_quick_mirrors_source_only():
@@ -55,33 +64,126 @@ def test_front_end_topology_and_output_stride():
         fw.VGG16FrontEnd("vgg19")
 
 
-def test_init_from_torchvision_layout_and_own_checkpoint(tmp_path):
-    ref = fw.VGG16FrontEnd("vgg16_small", num_classes=5)
-    state = {k: v + 1 for k, v in ref.state_dict().items() if k.startswith("features.")}
-    state["classifier.0.weight"] = torch.randn(512, 64 * 49)  # torchvision: Linear(512*7*7, 4096), here /8
-    state["classifier.0.bias"] = torch.randn(512)
-    state["classifier.3.weight"] = torch.randn(512, 512)
-    state["classifier.3.bias"] = torch.randn(512)
-    state["classifier.6.weight"] = torch.randn(1000, 512)  # ImageNet classes: dropped
-    torch.save(state, tmp_path / "vgg.pth")
-    model = fw.VGG16FrontEnd("vgg16_small", num_classes=5)
+def small_front_end_state(num_classes, seed=0):
+    """A vgg16_small front-end state dict with every tensor random, so that a swap would show."""
+    torch.manual_seed(seed)
+    return {k: torch.randn_like(v) for k, v in fw.VGG16FrontEnd("vgg16_small", num_classes).state_dict().items()}
+
+
+def torchvision_layout(state):
+    """Our front-end tensors under torchvision VGG-16 names (fc6/fc7 flattened into Linear layers) plus an ImageNet
+    classifier.6, as torchvision.models.vgg16().state_dict() holds them (here at vgg16_small's widths)."""
+    out = {k: v for k, v in state.items() if k.startswith("features.")}
+    out["classifier.0.weight"], out["classifier.0.bias"] = state["fc6.weight"].flatten(1), state["fc6.bias"]
+    out["classifier.3.weight"], out["classifier.3.bias"] = state["fc7.weight"].flatten(1), state["fc7.bias"]
+    out["classifier.6.weight"], out["classifier.6.bias"] = torch.randn(1000, 512), torch.randn(1000)
+    return out
+
+
+def test_torchvision_vgg16_lands_every_tensor_in_the_right_module(tmp_path, capsys):
+    reference = small_front_end_state(5)
+    path = tmp_path / "vgg16.pth"
+    torch.save(torchvision_layout(reference), path)
+    found = fw.read_frontend_weights(str(path))
+    assert found["kind"] == "torchvision VGG-16" and found["num_classes"] is None
+    assert found["implied"] == {"normalization": "imagenet", "backbone": "vgg16_small"}  # backbone from the widths
+    model = fw.VGG16FrontEnd("vgg16_small", 5)
     fc8 = model.fc8.weight.clone()
-    assert fw.load_init(model, str(tmp_path / "vgg.pth"), "vgg16_small") == "imagenet"
-    assert torch.equal(model.fc6.weight, state["classifier.0.weight"].view(512, 64, 7, 7))
-    assert torch.equal(model.fc7.weight[:, :, 0, 0], state["classifier.3.weight"])
-    assert torch.equal(model.features[0].weight, state["features.0.weight"]) and torch.equal(model.fc8.weight, fc8)
-    # a checkpoint of this script (the source-only front-end the paper adapts from) brings fc8 along
-    torch.save({"script": "fcn_wild", "normalization": "caffe", "model": ref.state_dict()}, tmp_path / "own.pt")
-    assert fw.load_init(model, str(tmp_path / "own.pt"), "vgg16_small") == "caffe"
-    assert torch.equal(model.fc8.weight, ref.fc8.weight)
-    torch.save({"script": "adaptsegnet", "model": {}}, tmp_path / "other.pt")
-    with pytest.raises(UserError, match="written by adaptsegnet"):
-        fw.load_init(model, str(tmp_path / "other.pt"), "vgg16_small")
-    torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "bad.pt")
-    with pytest.raises(UserError, match="does not fit"):
-        fw.load_init(fw.VGG16FrontEnd("vgg16_small", 5), str(tmp_path / "bad.pt"), "vgg16_small")
+    assert fw.load_init(model, str(path), "vgg16_small", found) == "imagenet"
+    ours = model.state_dict()
+    assert all(torch.equal(ours[k], reference[k]) for k in ours if not k.startswith("fc8."))
+    assert torch.equal(model.fc8.weight, fc8)  # ImageNet has no fc8 of ours: it stays at its init, and says so
+    listed = capsys.readouterr().err
+    assert "kept as initialised: fc8.weight, fc8.bias" in listed and "not in this network: classifier.6.*" in listed
+    torch.save({"state_dict": {f"module.{k}": v for k, v in torchvision_layout(reference).items()}}, path)
+    assert fw.read_frontend_weights(str(path))["kind"] == "torchvision VGG-16"  # wrapped, DataParallel names
+    found = fw.read_frontend_weights(str(path))
+    del found["state"]["features.28.bias"]  # a front-end tensor the file lacks: refused, not left at random
+    with pytest.raises(UserError, match="does not fit this network: 1 tensors missing.*features.28"):
+        fw.load_init(model, str(path), "vgg16_small", found)
     with pytest.raises(UserError, match="needs --backbone vgg16"):
         fw.load_init(model, "imagenet", "vgg16_small")
+
+
+def source_phase_file(path, num_classes=8, backbone="vgg16_small", normalization="caffe", **extra):
+    """A checkpoints/source_phase.pt as main() writes it (no optimiser state); extra entries make it a last.pt."""
+    state = small_front_end_state(num_classes) if backbone == "vgg16_small" else \
+        fw.VGG16FrontEnd(backbone, num_classes).state_dict()
+    torch.save({"script": "fcn_wild", "num_classes": num_classes, "iter": 7, "normalization": normalization,
+                "args": {"backbone": backbone}, "model": state, **extra}, path)
+    return state
+
+
+def test_own_checkpoints_are_recognised_and_imply_their_flags(tmp_path, monkeypatch, capsys):
+    reference = source_phase_file(tmp_path / "source_phase.pt")
+    found = fw.read_frontend_weights(str(tmp_path / "source_phase.pt"))
+    assert (found["kind"], found["iter"], found["num_classes"], found["resumable"]) == \
+        ("fcn_wild source-phase front-end", 7, 8, False)
+    assert found["implied"] == {"backbone": "vgg16_small", "normalization": "caffe"}
+    model = fw.VGG16FrontEnd("vgg16_small", 8)
+    assert fw.load_init(model, str(tmp_path / "source_phase.pt"), "vgg16_small", found) == "caffe"
+    assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())  # fc8 included
+    source_phase_file(tmp_path / "last.pt", optimizer={})
+    assert fw.read_frontend_weights(str(tmp_path / "last.pt"))["kind"] == "fcn_wild checkpoint"
+
+    def prepare(*flags):  # what main() does with the flags before it builds the network
+        monkeypatch.setattr(sys, "argv", ["fcn_wild.py", *flags])
+        args = fw.parse_args(fw.Args, fw.PRESETS)
+        return args, fw.prepare_frontend_weights(args, None, 8)
+
+    args, found = prepare("--init", str(tmp_path / "source_phase.pt"), "--adapt-start", "0")
+    assert (args.backbone, args.normalization) == ("vgg16_small", "caffe")  # not typed: the file's
+    assert "recognised fcn_wild source-phase front-end: backbone vgg16_small, caffe input" in capsys.readouterr().out
+    args, found = prepare("--init", str(tmp_path / "source_phase.pt"), "--adapt-start", "0", "--normalization",
+                          "imagenet")
+    assert args.normalization == "imagenet" and found["applied"] == {"backbone": "vgg16_small"}  # typed: it wins
+    assert "--normalization imagenet contradicts" in capsys.readouterr().err
+    with pytest.raises(UserError, match="has 8 classes, this run has 19"):
+        fw.prepare_frontend_weights(fw.Args(init=str(tmp_path / "source_phase.pt")), None, 19)
+    with pytest.raises(UserError, match="no optimiser state.*--init"):
+        fw.prepare_frontend_weights(fw.Args(), str(tmp_path / "source_phase.pt"), 8)
+
+
+class WritesAFile:
+    """Unpickling this calls open(path, "w"): what any code in a pickle could do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_third_party_files_and_wrong_files_are_one_line_errors(tmp_path):
+    """The third-party TF code's weights (models/model.py:34: np.load(path).item() of {layer: [weight, bias]}) are
+    NumPy pickles: refused from their header, never unpickled (the marker file shows that nothing ran); its trained
+    models are TensorFlow checkpoints."""
+    marker = tmp_path / "ran"
+    layers = {"conv1_1": [np.zeros((3, 3, 3, 64), np.float32), np.zeros(64, np.float32)], "hook": WritesAFile(marker)}
+    np.save(tmp_path / "train_cscape_frontend.npy", np.array(layers, dtype=object), allow_pickle=True)
+    with pytest.raises(UserError, match="NumPy pickle .* would run any code it carries") as error:
+        fw.read_frontend_weights(str(tmp_path / "train_cscape_frontend.npy"))
+    assert "--init imagenet" in str(error.value) and "\n" not in str(error.value) and not marker.exists()
+    np.save(tmp_path / "plain.npy", np.zeros((2, 3), np.float32))
+    with pytest.raises(UserError, match="a NumPy array, not a weights dict"):
+        fw.read_frontend_weights(str(tmp_path / "plain.npy"))
+    with zipfile.ZipFile(tmp_path / "train_synthia_frontend.zip", "w") as archive:  # download_src.sh's zip
+        for suffix in (".index", ".data-00000-of-00001", ".meta"):
+            archive.writestr(f"train_synthia_frontend/model.ckpt{suffix}", b"\0" * 16)
+    with pytest.raises(UserError, match="TensorFlow checkpoint"):
+        fw.read_frontend_weights(str(tmp_path / "train_synthia_frontend.zip"), "--weights")
+    (tmp_path / "model-800.index").write_bytes(b"\0" * 40 + fw.TF_TABLE_MAGIC)  # an unzipped index file
+    with pytest.raises(UserError, match="TensorFlow checkpoint"):
+        fw.read_frontend_weights(str(tmp_path / "model-800.index"))
+    torch.save({"a.weight": torch.zeros(2)}, tmp_path / "garbage.pt")
+    with pytest.raises(UserError, match="unrecognised layout.*torchvision-layout VGG-16"):
+        fw.read_frontend_weights(str(tmp_path / "garbage.pt"))
+    torch.save({"script": "adaptsegnet", "model": {}}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="written by adaptsegnet, not fcn_wild"):
+        fw.read_frontend_weights(str(tmp_path / "other.pt"))
+    torch.save({"model": {"w": torch.zeros(1)}, "opt": fw.Args()}, tmp_path / "objects.pt")  # a pickled object
+    with pytest.raises(UserError, match="Unsupported global"):
+        fw.read_frontend_weights(str(tmp_path / "objects.pt"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -299,24 +401,252 @@ def test_average_over_ranks_is_identity_single_process():
 
 
 # ----------------------------------------------------------------------------------------------------
+# each phase's step against a hand-written reference (the header's update rule, written out objective by objective)
+def reference_ce(logits, labels):
+    up = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=True).log_softmax(1)
+    return -up.gather(1, labels.clamp(max=logits.shape[1] - 1)[:, None])[:, 0][labels != 255].mean()
+
+
+def reference_adam(p, g, state, lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8):
+    """The step of torch.optim.Adam (L2 weight decay added to the gradient), by hand; p - step is the new value."""
+    g = g + weight_decay * p
+    state["t"] = t = state.get("t", 0) + 1
+    state["m"] = betas[0] * state.get("m", 0) + (1 - betas[0]) * g
+    state["v"] = betas[1] * state.get("v", 0) + (1 - betas[1]) * g * g
+    return lr * (state["m"] / (1 - betas[0] ** t)) / ((state["v"] / (1 - betas[1] ** t)).sqrt() + eps)
+
+
+def reference_sgd(p, g, state, lr, weight_decay, momentum):
+    state["buf"] = g + weight_decay * p + (momentum * state["buf"] if "buf" in state else 0)
+    return lr * state["buf"]
+
+
+def reference_projection(q, present, lower, upper, slack=2.0, steps=100, step_size=2.0):
+    """One image, q (C, N): P_i(c) = Q_i(c) e^(lambda_c - mu_c) / Z_i over the present classes, lambda in [0, slack]
+    and mu >= 0 by projected gradient ascent on the dual (gradient lower - mean P and mean P - upper)."""
+    lam, mu = torch.zeros(q.shape[0]), torch.zeros(q.shape[0])
+
+    def p_of(lam, mu):
+        w = q * torch.exp(lam - mu)[:, None] * present[:, None]
+        return w / w.sum(0, keepdim=True)
+
+    for _ in range(steps):
+        mean = p_of(lam, mu).mean(1)
+        lam = (lam + step_size * (lower - mean)).clamp(0, slack) * present
+        mu = (mu + step_size * (mean - upper)).clamp(min=0) * present
+    return p_of(lam, mu)
+
+
+def reference_ca(logits_t, size, stats, large):
+    """(Q's logits, their gradient): the target logits x8-upsampled, every 4th pixel; gradient weight_c (Q - P) /
+    (N B), weight 0.1 on the large classes (custom_grad.py:104-128)."""
+    sub = F.interpolate(logits_t, size=size, mode="bilinear", align_corners=True)[:, :, ::4, ::4]
+    q = sub.detach().softmax(1).flatten(2)
+    b, c, n = q.shape
+    weight = torch.tensor([0.1 if i in large else 1.0 for i in range(c)])
+    grad = torch.zeros_like(q)
+    for i in range(b):
+        share = torch.bincount(q[i].argmax(0), minlength=c) / n
+        present = ((share > 0.1 * stats["alpha"]) | (share == share.max())).to(q.dtype)
+        grad[i] = weight[:, None] * (q[i] - reference_projection(q[i], present, stats["delta"], stats["gamma"])) / (n * b)
+    return sub, grad.view_as(sub)
+
+
+def softplus_bce(d, label):
+    return F.softplus(d).mean() if label == 0 else F.softplus(-d).mean()  # BCE with logits, label 0 or 1
+
+
+def reference_adapt_iteration(model, disc, state, micro_batches, lr, t, hp):
+    """One adaptation update: every objective from a fresh forward at the same parameters (D's from features taken
+    as constants, the confusion's with D's parameters left out), each gradient averaged over the micro-batches,
+    then one Adam step per objective at its lr: task lr (fc8 x head), D 10 x adapt, confusion ramp(t) x adapt, CA
+    0.1 x adapt (fc8 x head); L2 5e-4 on the conv and fc6 weights in the task Adam only. Returns the gradients."""
+    named = {**{f"model.{n}": p for n, p in model.named_parameters()},
+             **{f"disc.{n}": p for n, p in disc.named_parameters()}}
+    every = [n for n in named if n.startswith("model.")]
+    features = [n for n in every if not n.startswith("model.fc8.")]
+    grads = {name: {} for name in ("task", "d", "conf", "ca")}
+
+    def add(objective, names, outputs, grad_outputs=None):
+        for n, g in zip(names, torch.autograd.grad(outputs, [named[n] for n in names], grad_outputs)):
+            grads[objective][n] = grads[objective].get(n, 0) + g / len(micro_batches)
+
+    for images, labels, target in micro_batches:
+        add("task", every, reference_ce(model(images)[1], labels))
+        d_s, d_t = disc(model(images)[0].detach()), disc(model(target)[0].detach())
+        add("d", [n for n in named if n.startswith("disc.")], 0.5 * (softplus_bce(d_s, 0) + softplus_bce(d_t, 1)))
+        d_s, d_t = disc(model(images)[0]), disc(model(target)[0])
+        half = [0.5 * (softplus_bce(d, 0) + softplus_bce(d, 1)) for d in (d_s, d_t)]
+        add("conf", features, 0.5 * (half[0] + half[1]))
+        sub, grad = reference_ca(model(target)[1], target.shape[-2:], hp["stats"], hp["large"])
+        add("ca", every, sub, grad)
+    ramp = 2 / (1 + math.exp(-10 * t / hp["ramp"])) - 1
+    lrs = {"task": lr, "d": 10 * lr * hp["adapt"], "conf": ramp * lr * hp["adapt"], "ca": 0.1 * lr * hp["adapt"]}
+    steps = []
+    for objective, objective_grads in grads.items():
+        for n, g in objective_grads.items():
+            decayed = objective == "task" and n.endswith(".weight") and n.startswith(("model.features.", "model.fc6."))
+            head = hp["head"] if n.startswith("model.fc8.") else 1.0
+            steps.append((named[n], reference_adam(named[n].detach(), g, state.setdefault((objective, n), {}),
+                                                   lrs[objective] * head, 5e-4 if decayed else 0.0)))
+    with torch.no_grad():  # every step from the same parameters: the task Adam's decay sees them before any step
+        for p, step in steps:
+            p -= step
+    return grads
+
+
+def record_steps(optimizers, names):
+    """Patch every optimiser's step to record (its key, {parameter name: gradient it steps with})."""
+    held = []
+    for key, optimizer in optimizers.items():
+        def step(*a, _key=key, _step=optimizer.step, _opt=optimizer, **k):
+            held.append((_key, {names[id(p)]: p.grad.clone() for g in _opt.param_groups for p in g["params"]
+                                if p.grad is not None}))
+            return _step(*a, **k)
+        optimizer.step = step
+    return held
+
+
+def close(ours, theirs):
+    """Same parameter names, every gradient within 1e-5 of the reference's norm: the script's losses are fp32 (1e-6 at
+    the first step), and after one Adam step the two networks differ by that rounding, amplified (4e-6 measured)."""
+    return ours.keys() == theirs.keys() and all(
+        float((ours[n] - theirs[n]).norm()) <= 1e-5 * float(theirs[n].norm()) + 1e-12 for n in theirs)
+
+
+def micro_batches(num, num_classes, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(num):
+        labels = torch.randint(0, num_classes, (2, 32, 64), generator=g)
+        labels[0, :5] = 255
+        out.append((torch.randn(2, 3, 32, 64, generator=g), labels, torch.randn(2, 3, 32, 64, generator=g)))
+    return out
+
+
+def test_adapt_step_matches_an_independent_reference():
+    """Two adaptation updates (GA + CA, 2 micro-batches each, the confusion ramp at t = 0 and 1) of adapt_step with
+    build_optimizers' Adams against reference_adapt_iteration: the gradients each optimiser steps with (names and
+    values: which parameters each objective moves, the accumulation mean, the detach of D's input, the CA targets and
+    the x0.1 classes), then every weight of F, fc8 and D. float64 and eval mode: dropout masks depend on the order of
+    random draws, not on the update rule (eval mode turns dropout off and changes nothing else: no BN); in float64
+    only the script's fp32 losses round. D starts at N(0, 0.1) instead of N(0, 0.001): at D ~ 0 the confusion
+    gradient is ~0 and Adam would turn its rounding into whole steps."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        args = small_args(lr=1e-3, grad_accum=2, batch_size=4, adapt_start=5, confusion_ramp_iters=4,
+                          head_lr_mult=2.0, adapt_lr_mult=0.5)
+        model, disc = fw.VGG16FrontEnd("vgg16_small", 8).eval(), fw.build_disc("vgg16_small", "cpu").eval()
+        with torch.no_grad():
+            for p in [*disc.parameters(), model.fc8.weight]:
+                p.normal_(0, 0.1)
+        reference, reference_disc = copy.deepcopy(model), copy.deepcopy(disc)
+        params, optimizers = fw.build_optimizers(model, disc, args)
+        names = {id(p): f"{net}.{n}" for net, m in (("model", model), ("disc", disc)) for n, p in m.named_parameters()}
+        held = record_steps(optimizers, names)
+        stats = {"alpha": torch.tensor([0.05, 0.05, 4.0, 0.05, 0.05, 4.0, 0.05, 0.05]),  # 2 and 5: absent unless
+                 "delta": torch.full((8,), 0.2), "gamma": torch.full((8,), 0.3)}           # the most frequent
+        ca_stats = {**stats, "weight": fw.large_class_weight(TOY_CLASSES, args.ca_large_classes,
+                                                             args.ca_large_weight)[0]}
+        hp = {"stats": stats, "large": (0, 2, 3), "ramp": 4, "adapt": 0.5, "head": 2.0}  # road, building, vegetation
+        rt = Runtime("cpu", amp=False)
+        state, expected = {}, []
+        for t in range(2):
+            lr = 1e-3 * (1 - 0.1 * t)
+            batches = micro_batches(2, 8, seed=t)
+            fw.set_lr(optimizers["task"], lr)  # main()'s loop sets the task lr
+            losses = fw.adapt_step(model, disc, optimizers, params, batches, lr, args.adapt_start + t, args, rt,
+                                   ca_stats)
+            expected += reference_adapt_iteration(reference, reference_disc, state, batches, lr, t, hp).items()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert set(losses) == {"seg_src", "d_main", "adv_main", "d_acc", "ca"}
+    assert [key for key, _ in held] == [key for key, _ in expected] == ["task", "d", "conf", "ca"] * 2
+    for (key, ours), (_, theirs) in zip(held, expected):
+        assert close(ours, theirs), key
+    # weights: the fp32 losses' rounding, turned by Adam's per-element normalisation into update errors where a
+    # gradient is near 0, measured up to 2.6e-6; the smallest step is the CA Adam's 5e-5 (D's 5e-3)
+    for ours, theirs in ((model, reference), (disc, reference_disc)):
+        a, b = ours.state_dict(), theirs.state_dict()
+        assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a)
+
+
+@pytest.mark.parametrize("source_optimizer", ["sgd", "adam"])
+def test_source_step_matches_an_independent_reference(source_optimizer):
+    """Two source-phase updates (2 micro-batches each) of source_step against a hand-written one: CE on the
+    upsampled logits, gradients averaged over the micro-batches; Yu & Koltun's SGD (momentum, weights lr x1 with
+    L2, biases lr x2 without, fc8 x head) or, with --source-optimizer adam, the task Adam (quick preset)."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        args = small_args(adapt_start=10, source_optimizer=source_optimizer, grad_accum=2, batch_size=4,
+                          head_lr_mult=3.0, source_momentum=0.9)
+        model = fw.VGG16FrontEnd("vgg16_small", 8).eval()
+        reference = copy.deepcopy(model)
+        _, optimizers = fw.build_optimizers(model, None, args)
+        optimizer = optimizers.get("source", optimizers["task"])  # as main() picks it
+        names = {id(p): f"model.{n}" for n, p in model.named_parameters()}
+        held = record_steps({"source": optimizer}, names)
+        rt = Runtime("cpu", amp=False)
+        state, expected = {}, []
+        for t in range(2):
+            lr = 1e-2 * (1 - 0.1 * t)
+            fw.set_lr(optimizer, lr)
+            batches = micro_batches(2, 8, seed=t)
+            losses = fw.source_step(model, optimizer, batches, rt)
+            grads = {}
+            for images, labels, _ in batches:
+                named = list(reference.named_parameters())
+                for (n, _), g in zip(named, torch.autograd.grad(reference_ce(reference(images)[1], labels),
+                                                                 [p for _, p in named])):
+                    grads[f"model.{n}"] = grads.get(f"model.{n}", 0) + g / 2
+            expected.append(grads)
+            with torch.no_grad():
+                for n, p in reference.named_parameters():
+                    head = 3.0 if n.startswith("fc8.") else 1.0
+                    if source_optimizer == "sgd":
+                        bias = n.endswith(".bias")
+                        p -= reference_sgd(p, grads[f"model.{n}"], state.setdefault(n, {}), lr * head * (2 if bias else 1),
+                                           0.0 if bias else 5e-4, 0.9)
+                    else:
+                        decayed = n.endswith(".weight") and n.startswith(("features.", "fc6."))
+                        p -= reference_adam(p, grads[f"model.{n}"], state.setdefault(n, {}), lr * head,
+                                            5e-4 if decayed else 0.0)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert set(losses) == {"seg_src"} and len(held) == 2
+    for (_, ours), theirs in zip(held, expected):
+        assert close(ours, theirs)
+    # Adam turns the fp32 losses' rounding into update errors where a gradient is near 0 (measured 3.9e-5 of steps of
+    # 1e-2 to 3e-2); SGD does not (measured 1.4e-10)
+    a, b = model.state_dict(), reference.state_dict()
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-8 if source_optimizer == "sgd" else 2e-4) for k in a)
+
+
+# ----------------------------------------------------------------------------------------------------
 # end to end
 def weights(out):
     return torch.load(os.path.join(out, "checkpoints", "last.pt"), weights_only=True)
 
 
+def train_rows(out, after=0):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows[after:] if "seg_src" in r]
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """5 iterations: 3 of the source phase (SGD with momentum), then 2 with GA + CA; reused by several tests."""
+    """5 iterations of 2 micro-batches: 3 of the source phase (SGD with momentum), then 2 with GA + CA; reused."""
     out = tmp_path_factory.mktemp("fcn_wild") / "straight"
-    run_script(*QUICK, *CA, *PHASES, "--iters", "5", "--out", str(out), check=True)
+    run_script(*QUICK, *CA, *PHASES, *ACCUM, "--iters", "5", "--out", str(out), check=True)
     return out
 
 
-def test_quick_run_resume_and_eval_only(straight, tmp_path):
+def test_quick_run_writes_every_run_folder_file(straight):
     config = json.loads((straight / "config.json").read_text())
-    assert config["script"] == "fcn_wild" and set(config["params"]) == {"model", "disc"}
-    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if "seg_src" in r]
+    assert config["script"] == "fcn_wild" and set(config["params"]) == {"model", "disc"} and config["loaded"] is None
+    train = train_rows(straight)
     assert [r["iter"] for r in train] == [2, 4, 5] and {"d_main", "adv_main", "d_acc", "ca", "lr"} <= set(train[2])
     assert "d_main" not in train[0] and "ca" not in train[0]  # iterations 1-2: the source phase
     assert train[0]["lr"] == pytest.approx(1e-3 * (1 - 1 / 5) ** 0.9)  # the SGD's lr is logged there
@@ -333,48 +663,78 @@ def test_quick_run_resume_and_eval_only(straight, tmp_path):
     assert all("momentum_buffer" in s for s in ckpt["optimizer_source"]["state"].values())
     assert len(ckpt["optimizer"]["state"]) == len(ckpt["model"])  # the task Adam took over after the source phase
 
-    # 2 iterations, --resume auto to 4 (the SGD's momentum and the data stream resume inside the source phase),
-    # then to 5 (the target stream and the Adams resume inside the adaptation): the straight run's weights
+
+def test_resume_within_and_across_the_phases_ends_with_the_uninterrupted_weights(straight, tmp_path):
+    """2 iterations, then --resume auto to 4 (from inside the source phase: the SGD's momentum and the source stream,
+    then across the switch: source_phase.pt written by the resumed process), then to 5 (inside the adaptation: D, the
+    Adams, the target stream). Each resumed process says where it starts and logs only later iterations (a silent
+    restart from 0 would end with the same weights and fail here); the end is the straight run's, bit for bit."""
     resumed = tmp_path / "resumed"
-    for iters in ("2", "4", "5"):
-        run_script(*QUICK, *CA, *PHASES, "--iters", iters, "--poly-horizon", "5", "--resume", "auto", "--out",
-                   str(resumed), check=True)
-    a, b = ckpt, weights(resumed)
+    start, rows = None, 0
+    for iters in (2, 4, 5):
+        result = run_script(*QUICK, *CA, *PHASES, *ACCUM, "--iters", str(iters), "--poly-horizon", "5", "--resume",
+                            "auto", "--out", str(resumed), check=True)
+        if start is not None:
+            assert f"resumed from {resumed / 'checkpoints' / 'last.pt'} at iteration {start}" in result.stdout
+            assert train_rows(resumed, rows) and min(r["iter"] for r in train_rows(resumed, rows)) > start
+        start, rows = iters, len((resumed / "metrics.jsonl").read_text().splitlines())
+    a, b = weights(straight), weights(resumed)
     assert b["iter"] == 5
     for key in ("model", "disc"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
-
-    evaluated = tmp_path / "eval"
-    run_script(*QUICK, "--eval-only", "--weights", str(straight / "checkpoints" / "last.pt"), "--out",
-               str(evaluated), check=True)
-    assert json.loads((evaluated / "results.json").read_text())["miou"] == pytest.approx(results["miou"])
+    phase_a, phase_b = (torch.load(out / "checkpoints" / "source_phase.pt", weights_only=True)["model"]
+                        for out in (straight, resumed))
+    assert all(torch.equal(phase_a[k], phase_b[k]) for k in phase_a)
 
 
-def test_source_phase_is_the_source_only_run_and_adaptation_starts_from_it(straight, tmp_path):
+def test_source_phase_is_the_source_only_run_and_adaptation_starts_from_it(straight, tmp_path, monkeypatch):
     source = tmp_path / "source"
-    run_script(*QUICK, *PHASES, "--iters", "3", "--poly-horizon", "5", "--no-global", "--no-category", "--out",
-               str(source), check=True)
+    run_script(*QUICK, *PHASES, *ACCUM, "--iters", "3", "--poly-horizon", "5", "--no-global", "--no-category",
+               "--out", str(source), check=True)
     ckpt = weights(source)
     assert "disc" not in ckpt and "optimizer_ca" not in ckpt
-    rows = [json.loads(line) for line in (source / "metrics.jsonl").read_text().splitlines() if "seg_src" in line]
-    assert set(rows[0]) >= {"seg_src"} and "d_main" not in rows[0] and "ca" not in rows[0]
+    rows = train_rows(source)
+    assert "d_main" not in rows[0] and "ca" not in rows[0]
     # the method's source phase is exactly this run (building D and the statistics leaves the RNG alone), and
     # the run keeps its front-end as checkpoints/source_phase.pt
-    phase = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()][0]
-    assert phase["iter"] == 2 and phase["seg_src"] == rows[0]["seg_src"]
+    assert rows[0]["iter"] == 2 and rows[0]["seg_src"] == train_rows(straight)[0]["seg_src"]
     front_end = torch.load(straight / "checkpoints" / "source_phase.pt", weights_only=True)
     assert front_end["iter"] == 3 and set(front_end) >= {"script", "num_classes", "normalization", "model"}
     assert all(torch.equal(front_end["model"][k], ckpt["model"][k]) for k in ckpt["model"])
     adapted = tmp_path / "adapted"
     result = run_script(*QUICK, "--iters", "1", "--no-category", "--init", str(straight / "checkpoints" /
                         "source_phase.pt"), "--out", str(adapted), check=True)
-    assert "loaded fc8" in result.stdout
-    rows = [json.loads(line) for line in (adapted / "metrics.jsonl").read_text().splitlines() if "seg_src" in line]
-    assert "adv_main" in rows[0] and "ca" not in rows[0]
-    # resuming a run with another method configuration is refused in one line
-    bad = run_script(*QUICK, "--iters", "4", "--resume", str(source / "checkpoints" / "last.pt"), "--out",
-                     str(tmp_path / "x"))
-    assert bad.returncode == 2 and "has no 'disc'" in bad.stderr and "Traceback" not in bad.stderr
+    assert "recognised fcn_wild source-phase front-end" in result.stdout and "loaded 32 of 32 tensors" in result.stdout
+    loaded = json.loads((adapted / "config.json").read_text())["loaded"]
+    assert loaded["kind"] == "fcn_wild source-phase front-end" and loaded["file"].endswith("source_phase.pt")
+    assert "adv_main" in train_rows(adapted)[0] and "ca" not in train_rows(adapted)[0]
+    # resuming a run with another method configuration is refused (before any data is read: in-process)
+    monkeypatch.setattr(sys, "argv", [*QUICK, "--iters", "4", "--resume", str(source / "checkpoints" / "last.pt"),
+                                      "--out", str(tmp_path / "x")])
+    with pytest.raises(UserError, match="has no 'disc'"):
+        fw.main()
+
+
+def test_eval_only_of_a_front_end_on_a_cityscapes_folder(tmp_path):
+    """--eval-only --weights <a 19-class source_phase.pt> on a tiny Cityscapes tree: no flags needed (the backbone
+    and the input normalisation come from the file), recorded in config/results.json, predictions in the benchmark
+    format (Cityscapes label ids at the label size, the names cityscapesScripts matches)."""
+    names = released.cityscapes_tree(str(tmp_path / "data"))
+    reference = source_phase_file(tmp_path / "source_phase.pt", num_classes=19)
+    out, preds = tmp_path / "eval", tmp_path / "preds"
+    result = run_script("fcn_wild.py", "--eval-only", "--weights", str(tmp_path / "source_phase.pt"), "--data-root",
+                        str(tmp_path / "data"), "--eval-size", "32", "64", "--num-workers", "0", "--out", str(out),
+                        "--device", "cpu", "--save-predictions", str(preds), check=True)
+    assert "recognised fcn_wild source-phase front-end: backbone vgg16_small, caffe input" in result.stdout
+    assert "loaded 32 of 32 tensors" in result.stdout
+    config, results = (json.loads((out / f).read_text()) for f in ("config.json", "results.json"))
+    assert config["args"]["backbone"] == "vgg16_small" and config["normalization"] == "caffe"
+    assert results["loaded"]["kind"] == "fcn_wild source-phase front-end" and results["iters"] == 7
+    files = sorted(os.listdir(preds))
+    assert files == [f"{n}_leftImg8bit.png" for n in names]
+    saved = np.asarray(Image.open(preds / files[0]))
+    assert saved.shape == (64, 128) and set(np.unique(saved)) <= set(released.CITYSCAPES_LABEL_IDS)
+    assert reference["fc8.weight"].shape[0] == 19
 
 
 # Every recipe field of `--preset paper` (the defaults) and where its value comes from. "Y&K": Yu & Koltun, ICLR
@@ -445,13 +805,49 @@ def test_bad_method_flags_are_user_errors(flags, message, tmp_path, monkeypatch)
         fw.main()
 
 
-def test_torchrun_two_processes_on_cpu(tmp_path):
-    out = tmp_path / "ddp"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = subprocess.run([*torchrun, *QUICK, "--iters", "2", "--batch-size", "2", "--out", str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            os.path.join(ROOT, "tests", "collective_guard.py")]
+EXACT = """import sys
+sys.path.insert(0, {root!r})
+import torch
+import torch.nn.functional as F
+F.dropout = lambda x, *args, **kwargs: x  # see test_two_processes_equal_one_process_with_the_whole_batch
+torch.set_default_dtype(torch.float64)
+import fcn_wild
+normalize = fcn_wild.normalize
+fcn_wild.normalize = lambda images, mode: normalize(images, mode).double()
+from common.cli import guard
+guard(fcn_wild.main)
+"""
+
+
+def test_two_processes_equal_one_process_with_the_whole_batch(tmp_path):
+    """2 gloo processes x batch 1 (under the collective guard: a host tensor in a collective fails the run) end with
+    the front-end and D of 1 process x batch 2, through a source-phase SGD step and two GA + CA steps (the confusion
+    ramp past 0); rank 0 alone logs; the run's final evaluation, sharded over the 2 ranks, scores as the one-process
+    run's (the front-end has no BN statistics, so rank 0's network is every rank's).
+    Every run goes through a wrapper script that replaces dropout by the identity and computes in float64. Dropout:
+    each process draws the masks of its own half-batch, so the masks differ from one process's by construction.
+    float64: in float32 the batched and unbatched convolutions round differently, and Adam turns that rounding into
+    steps of up to its lr wherever a gradient is near 0. Nothing else depends on the per-process batch: no BN, every
+    loss is a mean over equal-sized halves (the toy labels have no ignored pixels), the CA presence and projection
+    are per image, each objective's gradients are averaged over the ranks (average_over_ranks)."""
+    wrapper = tmp_path / "exact.py"
+    wrapper.write_text(EXACT.format(root=ROOT))
+    args = [*QUICK[1:], *CA, "--adapt-start", "1", "--source-optimizer", "sgd", "--source-lr", "1e-3", "--iters", "3",
+            "--batch-size", "2", "--log-every", "1"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    run_script(str(wrapper), *args, "--out", str(single), check=True)
+    result = subprocess.run([*TORCHRUN, str(wrapper), *args, "--out", str(ddp)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((out / "config.json").read_text())["args"]["world_size"] == 2
-    assert json.loads((out / "results.json").read_text())["iters"] == 2
-    assert len([l for l in (out / "metrics.jsonl").read_text().splitlines() if "seg_src" in l]) == 1  # rank 0 only
+    a, b = weights(single), weights(ddp)
+    # measured: 4.8e-16 (front-end), 7.1e-15 (D)
+    for key in ("model", "disc"):
+        for name, tensor in a[key].items():
+            assert tensor.dtype == torch.float64 and torch.allclose(tensor, b[key][name], rtol=1e-9, atol=1e-11), \
+                f"{key}.{name}"
+    assert json.loads((ddp / "config.json").read_text())["args"]["world_size"] == 2
+    assert [r["iter"] for r in train_rows(ddp)] == [1, 2, 3]  # rank 0 only
+    assert json.loads((ddp / "results.json").read_text())["per_class_iou"] == \
+        json.loads((single / "results.json").read_text())["per_class_iou"]
