@@ -514,19 +514,21 @@ def softmax_at(logits, size):
 def prepare_levels(args, ckpt_path, num_classes) -> Optional[dict]:
     """prepare_weights, with `--single-level` (the paper's name for `--no-multi-level`) settled against the file.
 
-    - `--single-level` typed counts as a typed `--no-multi-level`: it beats a multi-level file (imply warns,
-      naming --multi-level), whose aux head is then left out with one printed line: no aux head is built, and
-      the main output, the one evaluated, does not depend on it;
+    - `--single-level` typed counts as a typed `--no-multi-level` (`--no-single-level` as `--multi-level`): it
+      beats a multi-level file (imply warns, naming --multi-level), whose aux head is then left out with one
+      printed line: no aux head is built, and the main output, the one evaluated, does not depend on it;
     - a file with one head (a BDL-style release, a single-level checkpoint) implies single-level unless
-      `--multi-level` is typed (then the aux head starts at random init with --init, or --eval-only refuses);
-    - `--single-level` with `--multi-level` typed is a contradiction; aux-output weights typed for a single-level
+      `--multi-level` (or `--no-single-level`) is typed (then the aux head starts at random init with --init,
+      or --eval-only refuses);
+    - the two flags typed against each other are a contradiction; aux-output weights typed for a single-level
       training run could not act and are refused, and so are the discriminators' `--gan`/`--lr-d` when every
       adversarial weight that acts is 0 (D would never reach the segmenter); --eval-only trains nothing."""
     given = getattr(args, "given", frozenset())
-    if args.single_level:
-        if "multi_level" in given and args.multi_level:
-            raise UserError("--single-level and --multi-level contradict each other")
-        args.multi_level, args.given = False, given | {"multi_level"}
+    if "single_level" in given:  # typed either way, it is a typed --multi-level/--no-multi-level
+        if "multi_level" in given and args.multi_level == args.single_level:
+            raise UserError(f"--{'' if args.single_level else 'no-'}single-level and "
+                            f"--{'' if args.multi_level else 'no-'}multi-level contradict each other")
+        args.multi_level, args.given = not args.single_level, given | {"multi_level"}
     found = prepare_weights(args, ckpt_path, SCRIPT, num_classes)
     args.single_level = not args.multi_level
     if args.single_level and not args.eval_only:

@@ -292,6 +292,12 @@ def test_single_and_multi_level_settled_against_the_file(release_files, capsys):
     # contradictions and weights that could not act: one error each
     with pytest.raises(UserError, match="--single-level and --multi-level contradict"):
         asn.prepare_levels(parsed("--single-level", "--multi-level"), None, 19)
+    with pytest.raises(UserError, match="--no-single-level and --no-multi-level contradict"):
+        asn.prepare_levels(parsed("--no-single-level", "--no-multi-level"), None, 19)
+    args = parsed("--init", str(release_files["bdl"]), "--no-single-level")  # typed: multi-level over a 1-head file
+    asn.prepare_levels(args, None, 19)
+    assert (args.multi_level, args.single_level) == (True, False)
+    assert "--multi-level True contradicts BDL release, which implies False" in capsys.readouterr().err
     with pytest.raises(UserError, match="--lambda-adv-aux --lambda-seg-aux|--lambda-seg-aux --lambda-adv-aux"):
         asn.prepare_levels(parsed("--no-multi-level", "--lambda-adv-aux", "0.1", "--lambda-seg-aux", "0.2"), None, 19)
     with pytest.raises(UserError, match="BDL release, which has one head"):
