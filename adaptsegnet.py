@@ -89,7 +89,8 @@ SCRIPT = "adaptsegnet"
 @dataclass
 class Args:
     source: str = "gta"
-    """source domain: gta, synthia, cityscapes (the oracle), toy-synth, toy-real or a folder dataset path"""
+    """source domain: gta, synthia, cityscapes (the oracle), a toy domain (toy-synth, toy-real, toy2-synth, toy2-real)
+    or a folder dataset path"""
     target: str = "cityscapes"
     """target domain, evaluated on its val split (built-in name or folder dataset path)"""
     data_root: str = "data"
@@ -377,7 +378,7 @@ def read_weights(path, flag="--init", script=None) -> dict:
         mapped[key] = value
     multi = bool(aux)
     kind = {(True, True): "AdaptSegNet release", (True, False): "ADVENT release"}.get(
-        (multi, old_torch), "BDL release" if old_torch else "DeepLab-v2 model")
+        (multi, old_torch), "single-head release (BDL, AdaptSegNet single-level)" if old_torch else "DeepLab-v2 model")
     implied = {"normalization": "caffe", "stride_on": "1x1", "multi_level": multi,
                "aspp_branches": 2 if old_torch else 4, **resnet_of(state)}
     return {"kind": kind, "state": mapped, "implied": implied, "iter": 0}
@@ -408,6 +409,8 @@ def prepare_weights(args, ckpt_path, script, num_classes) -> Optional[dict]:
     """Read the file of --eval-only --weights or --init (not when resuming), apply the flags it implies
     (typed flags win), resolve --stride-on auto, print one line on what was recognised."""
     found = None
+    if args.normalization == "auto":  # typed or not, auto means: what the file implies
+        args.given = args.given - {"normalization"}
     if args.weights and not args.eval_only:
         raise UserError("--weights is read by --eval-only; to start training from a file use --init PATH")
     if args.eval_only:
@@ -612,7 +615,7 @@ def main():
     rt = Runtime(args.device, args.amp)
     args.world_size, args.rank = rt.world, rt.rank
     args.poly_horizon = args.poly_horizon or args.iters  # none: the schedule ends with the run
-    if args.batch_size % rt.world:
+    if args.batch_size % rt.world and not args.eval_only:
         raise UserError(f"--batch-size {args.batch_size} is the global batch; it must divide by {rt.world} processes")
     args.out = out_dir = share_run_dir(rt, resolve_out_dir(args, SCRIPT))
     seed_everything(args.seed, args.torch_deterministic)
@@ -638,7 +641,7 @@ def main():
 
     # TRY NOT TO MODIFY: run folder, dry run, resume
     norm = args.normalization if args.normalization != "auto" else norm
-    loaded = {"file": args.weights[0] if args.eval_only else args.init, "kind": found["kind"],
+    loaded = {"file": args.weights[0] if args.eval_only else ckpt_path or args.init, "kind": found["kind"],
               "implied": found["applied"]} if found is not None else None
     log = RunLog(out_dir, rt.is_main)
     log.write_config(SCRIPT, args, param_counts(**networks), normalization=norm, num_classes=num_classes,

@@ -111,7 +111,8 @@ SCRIPT = "daformer"
 @dataclass
 class Args:
     source: str = "gta"
-    """source domain: gta, synthia, cityscapes (the oracle), toy-synth, toy-real or a folder dataset path"""
+    """source domain: gta, synthia, cityscapes (the oracle), a toy domain (toy-synth, toy-real, toy2-synth, toy2-real)
+    or a folder dataset path"""
     target: str = "cityscapes"
     """target domain, evaluated on its val split (built-in name or folder dataset path)"""
     data_root: str = "data"
@@ -526,6 +527,8 @@ def prepare_daformer_weights(args, ckpt_path, script, num_classes) -> Optional[d
     """Read the file of --eval-only --weights, --resume or --init, apply the flags it implies (typed flags win) and
     print one line on what was recognised: source_only.prepare_weights for DAFormer's layouts."""
     found = None
+    if args.normalization == "auto":  # typed or not, auto means: what the file implies
+        args.given = args.given - {"normalization"}
     if args.weights and not args.eval_only:
         raise UserError("--weights is read by --eval-only; to start training from a file use --init PATH")
     if args.eval_only:
@@ -983,7 +986,7 @@ def main():
     rt = Runtime(args.device, args.amp)
     args.world_size, args.rank = rt.world, rt.rank
     args.poly_horizon = args.poly_horizon or args.iters  # none: the schedule ends with the run
-    if args.batch_size % rt.world:
+    if args.batch_size % rt.world and not args.eval_only:
         raise UserError(f"--batch-size {args.batch_size} is the global batch; it must divide by {rt.world} processes")
     args.out = out_dir = share_run_dir(rt, resolve_out_dir(args, SCRIPT))
     seed_everything(args.seed, args.torch_deterministic)

@@ -127,7 +127,8 @@ SCRIPT = "fcn_wild"
 @dataclass
 class Args:
     source: str = "gta"
-    """source domain: gta, synthia, cityscapes (the oracle), toy-synth, toy-real or a folder dataset path"""
+    """source domain: gta, synthia, cityscapes (the oracle), a toy domain (toy-synth, toy-real, toy2-synth, toy2-real)
+    or a folder dataset path"""
     target: str = "cityscapes"
     """target domain, evaluated on its val split (built-in name or folder dataset path)"""
     data_root: str = "data"
@@ -815,7 +816,7 @@ def main():
     rt = Runtime(args.device, args.amp)
     args.world_size, args.rank = rt.world, rt.rank
     args.poly_horizon = args.poly_horizon or args.iters  # none: the schedule ends with the run
-    if args.batch_size % rt.world:
+    if args.batch_size % rt.world and not args.eval_only:
         raise UserError(f"--batch-size {args.batch_size} is the global batch; it must divide by {rt.world} processes")
     args.out = out_dir = share_run_dir(rt, resolve_out_dir(args, SCRIPT))
     seed_everything(args.seed, args.torch_deterministic)
@@ -845,7 +846,7 @@ def main():
 
     # TRY NOT TO MODIFY: run folder, dry run, resume
     norm = args.normalization if args.normalization != "auto" else norm
-    loaded = {"file": args.weights[0] if args.eval_only else args.init, "kind": found["kind"],
+    loaded = {"file": args.weights[0] if args.eval_only else ckpt_path or args.init, "kind": found["kind"],
               "implied": found["applied"]} if found is not None else None
     log = RunLog(out_dir, rt.is_main)
     log.write_config(SCRIPT, args, param_counts(**networks), normalization=norm, num_classes=num_classes,

@@ -2,7 +2,8 @@
 
 A *domain split* is a list of (image, label) files plus the lookup table that maps raw label values to
 train ids. Built-in domains: `gta`, `synthia`, `cityscapes` (layouts in README "Datasets" and
-datasets.md), the procedural toy pair `toy-synth`/`toy-real`, and any folder dataset (interface.md).
+datasets.md), the procedural toy pairs `toy-synth`/`toy-real` and `toy2-synth`/`toy2-real`, and any folder
+dataset (interface.md).
 Loaders yield uint8 tensors; scripts normalise on the device (4x less host-to-device traffic).
 Randomness: every training sample gets its own seed from the sampler, so augmentation does not depend
 on worker count, and a resumed run sees exactly the samples an uninterrupted run would.

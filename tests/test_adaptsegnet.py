@@ -277,7 +277,7 @@ def test_single_and_multi_level_settled_against_the_file(release_files, capsys):
     # a single-head (BDL-style) file implies single-level
     args = parsed("--eval-only", "--weights", str(release_files["bdl"]))
     found = asn.prepare_levels(args, None, 19)
-    assert (args.multi_level, args.single_level) == (False, True) and found["kind"] == "BDL release"
+    assert (args.multi_level, args.single_level) == (False, True) and found["kind"] == "single-head release (BDL, AdaptSegNet single-level)"
     # --single-level typed beats a multi-level file: warned, its aux head left out (said), main head complete
     args = parsed("--eval-only", "--weights", str(release_files["multi"]), "--single-level")
     found = asn.prepare_levels(args, None, 19)
@@ -297,17 +297,17 @@ def test_single_and_multi_level_settled_against_the_file(release_files, capsys):
     args = parsed("--init", str(release_files["bdl"]), "--no-single-level")  # typed: multi-level over a 1-head file
     asn.prepare_levels(args, None, 19)
     assert (args.multi_level, args.single_level) == (True, False)
-    assert "--multi-level True contradicts BDL release, which implies False" in capsys.readouterr().err
+    assert "--multi-level True contradicts single-head release (BDL, AdaptSegNet single-level), which implies False" in capsys.readouterr().err
     with pytest.raises(UserError, match="--lambda-adv-aux --lambda-seg-aux|--lambda-seg-aux --lambda-adv-aux"):
         asn.prepare_levels(parsed("--no-multi-level", "--lambda-adv-aux", "0.1", "--lambda-seg-aux", "0.2"), None, 19)
-    with pytest.raises(UserError, match="BDL release, which has one head"):
+    with pytest.raises(UserError, match=r"single-head release \(BDL, AdaptSegNet single-level\), which has one head"):
         asn.prepare_levels(parsed("--init", str(release_files["bdl"]), "--lambda-adv-aux", "0.1"), None, 19)
     with pytest.raises(UserError, match="--gan --lr-d: no effect with every adversarial weight at 0"):
         asn.prepare_levels(parsed("--lambda-adv-main", "0", "--lambda-adv-aux", "0", "--gan", "ls", "--lr-d", "1"),
                            None, 19)
     assert asn.prepare_levels(parsed("--single-level", "--lambda-adv-main", "0.01", "--gan", "ls"), None, 19) is None
     args = parsed("--eval-only", "--weights", str(release_files["bdl"]), "--lambda-adv-aux", "0.1")
-    assert asn.prepare_levels(args, None, 19)["kind"] == "BDL release"  # --eval-only trains nothing
+    assert asn.prepare_levels(args, None, 19)["kind"] == "single-head release (BDL, AdaptSegNet single-level)"  # --eval-only trains nothing
 
 
 def test_release_evaluates_through_eval_only(release_files):

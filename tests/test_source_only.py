@@ -312,7 +312,7 @@ def test_released_deeplab_models_are_recognised_and_land_in_the_right_modules(ki
     torch.save(released.deeplab_release(reference.state_dict(), kind), path)
     found = source_only.read_weights(str(path))
     assert found["kind"] == {"adaptsegnet": "AdaptSegNet release", "advent": "ADVENT release",
-                             "bdl": "BDL release"}[kind]
+                             "bdl": "single-head release (BDL, AdaptSegNet single-level)"}[kind]
     assert found["implied"] == {"normalization": "caffe", "stride_on": "1x1", "multi_level": multi,
                                 "aspp_branches": 4 if kind == "advent" else 2, "backbone": "resnet50"}
     model = source_only.DeepLabV2("resnet50", 19, multi_level=multi, aspp_branches=found["implied"]["aspp_branches"])
