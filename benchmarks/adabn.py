@@ -7,8 +7,10 @@ arXiv 1603.04779, 2016) replaces the source statistics of each BN layer by the t
 else. It is the control for "a method gains because target frames pass through train-mode BN": a method
 that only beats source-only by what AdaBN gets for free has not shown that its own objective adapts.
 
-RUN: a finished run folder (its checkpoints/last.pt) or a checkpoint of source_only.py (DeepLab-v2) or
-daformer.py (its decode head has BN; a `--source-only` run is its same-network control). The network is
+RUN: a finished run folder (its checkpoints/last.pt) or a checkpoint of source_only.py (DeepLab-v2),
+adaptsegnet.py or advent.py (the same DeepLab-v2: a method's model with AdaBN tells whether the method adds
+anything beyond target BN statistics) or daformer.py (its decode head has BN; a `--source-only` run is its
+same-network control). The network is
 rebuilt from the checkpoint's args as the script builds it, then:
 1. every BN layer's running mean/var is reset and re-estimated as a cumulative average (momentum None, so
    each batch counts the same) over N batches of target *train* frames: a seeded shuffle (the run's seed)
@@ -47,10 +49,20 @@ from common.cli import UserError, guard, parse_args  # noqa: E402
 from common.data import SegDataset, TrainTransform, domain_split, normalize, train_loader  # noqa: E402
 from common.runlog import save_json  # noqa: E402
 
+
+def deeplab_v2(module, a, n):
+    """The shared DeepLab-v2 of source_only.py, adaptsegnet.py and advent.py, as the run resolved it (a checkpoint
+    from before --stride-on has the Caffe layout)."""
+    stride_on = a.get("stride_on", "1x1")
+    return module.DeepLabV2(a["backbone"], n, a["multi_level"], a["aspp_branches"], a["bn_mode"],
+                            "1x1" if stride_on == "auto" else stride_on)
+
+
 # script -> (network from (module, args, num_classes), keep_ratio of its target-frame resize)
 NETWORKS = {
-    "source_only": (lambda module, a, n: module.DeepLabV2(a["backbone"], n, a["multi_level"], a["aspp_branches"],
-                                                          a["bn_mode"]), False),
+    "source_only": (deeplab_v2, False),
+    "adaptsegnet": (deeplab_v2, False),  # a method's model + AdaBN: does the method add anything beyond the
+    "advent": (deeplab_v2, False),  # target BN statistics that AdaBN gives a source-only model for free?
     "daformer": (lambda module, a, n: module.DAFormerNet(a["backbone"], n, a["decoder"], a["decoder_dim"],
                                                          a["drop_path"], a["dropout"]), True),
 }

@@ -132,7 +132,7 @@ def test_unsupported_checkpoint_is_one_error_line(tmp_path):
     result = run_script("benchmarks/adabn.py", str(path), timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: {path} was written by lsdseg.py; AdaBN supports source_only, daformer (the other scripts' "
+        f"error: {path} was written by lsdseg.py; AdaBN supports source_only, adaptsegnet, advent, daformer (the other scripts' "
         "networks are not rebuilt here)"]
 
 
@@ -143,3 +143,20 @@ def test_unsupported_checkpoint_is_one_error_line(tmp_path):
 def test_bad_input_is_refused(tmp_path, flags, message):
     with pytest.raises(UserError, match=message):
         adabn.main([str(tmp_path / "no_run"), *flags])
+
+
+@pytest.mark.parametrize("script", ["source_only", "adaptsegnet", "advent"])
+def test_deeplab_v2_is_rebuilt_as_the_run_resolved_it(script):
+    """The rebuilt network follows the run's --stride-on (a ResNet-50 trained from torchvision weights has layer2's
+    stride on the 3x3 conv; the same weights in the Caffe layout would load without error and compute another
+    network), and a method's multi-level model keeps its aux head."""
+    import importlib
+    module = importlib.import_module(script)
+    build, keep_ratio = adabn.NETWORKS[script]
+    args = {"backbone": "resnet50", "multi_level": True, "aspp_branches": 4, "bn_mode": "train"}
+    for stride_on, strides in (("3x3", ((1, 1), (2, 2))), ("1x1", ((2, 2), (1, 1)))):
+        model = build(module, {**args, "stride_on": stride_on}, 3)
+        assert (model.layer2[0].conv1.stride, model.layer2[0].conv2.stride) == strides
+        assert model.aux_head is not None and not keep_ratio
+    old = build(module, args, 3)  # a checkpoint from before --stride-on: the Caffe layout
+    assert old.layer2[0].conv1.stride == (2, 2)
