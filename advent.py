@@ -469,8 +469,8 @@ def prepare_weights(args, ckpt_path, script, num_classes) -> Optional[dict]:
     elif args.init not in ("imagenet", "none"):
         found = read_weights(args.init)
     if found is not None and found.get("num_classes") not in (None, num_classes):
-        raise UserError(f"{args.weights[0] if args.eval_only else ckpt_path} has {found['num_classes']} classes, "
-                        f"this run has {num_classes}")
+        raise UserError(f"{args.weights[0] if args.eval_only else ckpt_path or args.init} has "
+                        f"{found['num_classes']} classes, this run has {num_classes}")
     if found is not None:
         found["applied"] = imply(args, found["implied"], found["kind"])
         quirks = {"aspp_branches": "{} ASPP branches", "multi_level": "multi-level: {}", "stride_on": "stride on {}",

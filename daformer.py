@@ -547,8 +547,8 @@ def prepare_daformer_weights(args, ckpt_path, script, num_classes) -> Optional[d
     elif args.init not in ("imagenet", "none"):
         found = read_daformer_weights(args.init, "--init", script)
     if found is not None and (args.eval_only or ckpt_path) and found["num_classes"] != num_classes:
-        raise UserError(f"{args.weights[0] if args.eval_only else ckpt_path} has {found['num_classes']} classes, "
-                        f"this run has {num_classes}")
+        raise UserError(f"{args.weights[0] if args.eval_only else ckpt_path or args.init} has "
+                        f"{found['num_classes']} classes, this run has {num_classes}")
     if found is not None:
         found["applied"] = imply(args, found["implied"], found["kind"])
         quirks = {"backbone": "{}", "decoder": "{} decoder", "decoder_dim": "width {}", "normalization": "{} input"}

@@ -563,8 +563,8 @@ def prepare_fcn_weights(args, ckpt_path, num_classes) -> Optional[dict]:
         found = read_fcn_weights(args.init)
         found["implied"].pop("gan_width", None)  # an init is F only: G and D start fresh at the width asked for
     if found is not None and (args.eval_only or ckpt_path) and found["num_classes"] not in (None, num_classes):
-        raise UserError(f"{args.weights[0] if args.eval_only else ckpt_path} has {found['num_classes']} classes, "
-                        f"this run has {num_classes}")
+        raise UserError(f"{args.weights[0] if args.eval_only else ckpt_path or args.init} has "
+                        f"{found['num_classes']} classes, this run has {num_classes}")
     if found is not None:
         found["applied"] = imply(args, found["implied"], found["kind"])
         quirks = {"normalization": "{} input", "backbone": "backbone {}", "gan_width": "G/D width {}"}

@@ -387,3 +387,13 @@ def test_imagenet_init_maps_every_torchvision_tensor(backbone, monkeypatch):
     own = model.state_dict()
     assert all(torch.equal(own[k], ref[k]) for k in own if "head" not in k)
     assert {k for k in ref if not k.startswith("fc.")} == {k for k in own if "head" not in k}
+
+
+def test_init_file_with_another_class_count_names_the_file(tmp_path):
+    """--init one of our checkpoints with 8 classes into a 19-class run: the one-line error names that file."""
+    path = tmp_path / "eight.pt"
+    torch.save({"script": "source_only", "args": {"backbone": "resnet18"}, "model": {}, "num_classes": 8}, path)
+    args = source_only.Args(init=str(path), weights=[])
+    args.given = frozenset()
+    with pytest.raises(UserError, match=f"^{path} has 8 classes, this run has 19$"):
+        source_only.prepare_weights(args, None, "source_only", 19)
